@@ -3,4 +3,5 @@
 ``import ccnn_jax.data`` registers ``ccnn_synthetic`` and the real-dataset builders.
 """
 
-from ccnn_jax.data import common  # noqa: F401
+from ccnn_jax.data import common, synthetic  # noqa: F401
+from ccnn_jax.data import camvid, pet, voc  # noqa: F401  (real-dataset builders)
