@@ -4,7 +4,6 @@
 """
 
 from ccnn_jax.data import common, synthetic  # noqa: F401
-from ccnn_jax.data import camvid, pet, voc  # noqa: F401  (real-dataset builders)
 
 # isort: split
 from ccnn_jax.data import camvid, pet, voc  # noqa: F401  (real-dataset builders)
