@@ -166,3 +166,24 @@ def test_rgb_mask_is_rejected(tmp_path):
     png.write_bytes(buf.getvalue())
     with pytest.raises(checks.BadInputError, match=f"{stem}.png.*mode 'RGB'"):
         prepare(tmp_path / "manual", tmp_path / "data")
+
+
+def test_pipeline_reads_fake_voc(tmp_path):
+    from ccnn_jax.data import pipeline
+
+    expected = fakes.write_voc(tmp_path / "manual", as_tar=True)
+    pipeline.prepare("voc_segmentation", data_dir=str(tmp_path / "data"),
+                     manual_dir=str(tmp_path / "manual"))
+    meta = pipeline.dataset_meta("voc_segmentation", data_dir=str(tmp_path / "data"))
+    assert (meta.num_classes, meta.background, meta.class_names) == (21, 0, fakes.VOC_CLASSES)
+    loader = pipeline.make_loader("voc_segmentation", "validation", data_dir=str(tmp_path / "data"),
+                                  batch_size=4, image_size=(16, 16), train=False, seed=0)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 16, 16, 3) and batch["mask"].shape == (4, 16, 16)
+    n_val = len(expected["validation"])
+    np.testing.assert_array_equal(batch["valid"], [1.0] * n_val + [0.0] * (4 - n_val))
+    # Tags of the real examples are exactly the classes of their full-size masks.
+    want = sorted(tuple(sorted(set(np.unique(fx.mask).tolist()) - {255}))
+                  for fx in expected["validation"].values())
+    got = sorted(tuple(np.flatnonzero(t).tolist()) for t in batch["tags"][:n_val])
+    assert got == want
