@@ -75,6 +75,8 @@ class Scene:
       object_classes: class index of each object (len = number of objects).
       labels: sorted classes present in ``mask`` (void excluded).
       large: sorted classes covering > 10% of the image in ``mask``.
+      background: the background texture kind (for checking the context bias).
+      occluded: per object, the fraction of its in-frame area hidden by later objects.
     """
 
     image: np.ndarray
@@ -83,6 +85,8 @@ class Scene:
     object_classes: tuple[int, ...]
     labels: list[int]
     large: list[int]
+    background: str
+    occluded: tuple[float, ...]
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -247,8 +251,7 @@ def generate_scene(
 
     # z-order label map: 0 = background, j + 1 = object j (painted in order, later on top)
     zmap = np.zeros((size, size), np.int16)
-    full_area = []
-    kept = []
+    full_area, footprints, kept = [], [], []
     px = np.arange(size, dtype=np.float32) + 0.5
     for cls in classes:
         name = CLASS_NAMES[cls]
@@ -282,6 +285,7 @@ def generate_scene(
         j = len(kept)
         zmap[inside] = j + 1
         full_area.append(n_in)
+        footprints.append(inside)
         kept.append(cls)
         # appearance independent of class; keep some contrast with the background mean
         for _ in range(10):
@@ -304,7 +308,10 @@ def generate_scene(
     labels = common.labels_in_mask(mask, len(CLASS_NAMES))
     counts = np.bincount(mask.ravel(), minlength=256)
     large = [c for c in labels if counts[c] > LARGE_FRACTION * size * size]
-    return Scene(image, mask, instances, tuple(kept), labels, large)
+    occluded = tuple(
+        np.count_nonzero(fp & (zmap > j + 1)) / full_area[j] for j, fp in enumerate(footprints)
+    )
+    return Scene(image, mask, instances, tuple(kept), labels, large, bg_kind, occluded)
 
 
 def _outer_band(zmap: np.ndarray, width: int) -> np.ndarray:
