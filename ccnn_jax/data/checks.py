@@ -43,7 +43,7 @@ class MissingDownloadError(FileNotFoundError):
 
 def missing(what: os.PathLike | str, layout: str) -> MissingDownloadError:
     """The error for a missing file/folder ``what``, explaining the expected ``layout``."""
-    return MissingDownloadError(f"expected {what}, which is missing. Expected layout:\n{layout}")
+    return MissingDownloadError(f"expected {what}, but not found. Expected layout:\n{layout}")
 
 
 def require_manual_dir(dl_manager, layout: str) -> epath.Path:
