@@ -157,8 +157,8 @@ def write_voc(manual_dir: os.PathLike, *, as_tar: bool, train=VOC_TRAIN, val=VOC
 
 
 def write_sbd(manual_dir: os.PathLike, *, voc: dict[str, dict[str, FakeExample]],
-              sbd_train: list[str], sbd_val: list[str], sbd_only_images: list[str]) -> None:
-    """Fake ``benchmark_RELEASE/dataset`` ({train,val}.txt, cls/*.mat with GTcls.Segmentation).
+              sbd_train: list[str], sbd_val: list[str], sbd_only_images: list[str]) -> dict:
+    """Fake ``benchmark_RELEASE/dataset``; returns {stem: FakeExample} of the ids new to VOC.
 
     Ids already in ``voc`` get SBD masks that differ from VOC's (the builder must prefer VOC's
     masks); new ids get their own mask and image. Images of ``sbd_only_images`` exist only in

@@ -141,3 +141,14 @@ def test_unknown_label_values_name_the_file_and_values(tmp_path):
     (tmp_path / "manual/CamVid/testannot" / f"{stem}.png").write_bytes(fakes.encode_png(raw))
     with pytest.raises(checks.BadInputError, match=rf"{stem}.png: unknown label values \[12, 40\]"):
         prepare(tmp_path / "manual", tmp_path / "data", "segnet")
+
+
+def test_grey_image_is_stored_as_rgb(tmp_path):
+    expected = fakes.write_camvid_segnet(tmp_path / "manual")
+    stem = sorted(expected["train"])[0]
+    grey = expected["train"][stem].image[..., 1]
+    (tmp_path / "manual/CamVid/train" / f"{stem}.png").write_bytes(fakes.encode_png(grey))
+    prepare(tmp_path / "manual", tmp_path / "data", "segnet")
+    ds = tfds.data_source("camvid/segnet", data_dir=str(tmp_path / "data"))["train"]
+    ex = next(ds[i] for i in range(len(ds)) if ds[i]["image/filename"].decode() == f"{stem}.png")
+    np.testing.assert_array_equal(ex["image"], np.repeat(grey[..., None], 3, axis=-1))

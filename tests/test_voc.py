@@ -187,3 +187,20 @@ def test_pipeline_reads_fake_voc(tmp_path):
                   for fx in expected["validation"].values())
     got = sorted(tuple(np.flatnonzero(t).tolist()) for t in batch["tags"][:n_val])
     assert got == want
+
+
+def test_sbd_config_without_sbd_names_the_folder(tmp_path):
+    fakes.write_voc(tmp_path / "manual", as_tar=True)
+    with pytest.raises(checks.MissingDownloadError, match="benchmark_RELEASE/dataset") as e:
+        prepare(tmp_path / "manual", tmp_path / "data", config="sbd_augmented")
+    assert "benchmark.tgz" in str(e.value)
+
+
+def test_corrupt_sbd_mat_names_the_file(tmp_path):
+    manual = tmp_path / "manual"
+    voc_ex = fakes.write_voc(manual, as_tar=False)
+    fakes.write_sbd(manual, voc=voc_ex, sbd_train=["2011_000001"], sbd_val=[],
+                    sbd_only_images=[])
+    (manual / "benchmark_RELEASE/dataset/cls/2011_000001.mat").write_bytes(b"not a mat file")
+    with pytest.raises(checks.BadInputError, match="SBD file .*2011_000001.mat"):
+        prepare(manual, tmp_path / "data", config="sbd_augmented")
