@@ -1,0 +1,219 @@
+r"""The dual of CCNN's constrained latent problem, the latent distribution, and a certificate.
+
+For one image with N pixels, scores ``f = log_q`` (N, K) (log-probabilities or logits), hardness
+s (an inverse temperature, 1 by default) and constraints ``(a, b, beta, mask, w)``, the primal is
+
+.. math::
+
+    \min_{P,\ \xi \ge 0}\ \frac{1}{N}\sum_i \frac{1}{s}\,\mathrm{KL}\big(P_i \,\|\, Q^s_i\big)
+    + \beta^\top \xi
+    \quad\text{s.t.}\quad s_c(P) = \frac1N\sum_i w_c(i)\, a_c^\top P_i \ge b_c - \xi_c,
+    \quad P_i(l) = 0 \text{ for masked } l,
+
+with :math:`Q^s_i = \mathrm{softmax}(s f_i)` (Q itself for s = 1). Its dual, concave over the box
+:math:`0 \le \lambda \le \beta`, is
+
+.. math::
+
+    g(\lambda) = \lambda^\top b - \frac1N \sum_i \frac1s \Big(
+        \operatorname{lse}_{l \in mask}\big(s (f_i + A_i^\top\lambda)\big)
+        - \operatorname{lse}_l (s f_i) \Big),
+    \qquad A_i = \mathrm{diag}(w(i))\, a,
+
+maximised by :math:`P_i = \mathrm{softmax}_{mask}(s (f_i + A_i^\top \lambda))`, with
+:math:`\nabla g = b - s(P)` and :math:`-\nabla^2 g = \frac{s}{N}\sum_i A_i(\mathrm{diag} P_i -
+P_i P_i^\top)A_i^\top`. The second lse makes g(0) the cost of the mask alone and makes
+everything invariant to adding a per-pixel constant to ``f`` (DESIGN.md's g omits it; it is a
+constant). At any :math:`\lambda` in the box the duality gap of :math:`P(\lambda)` is exactly
+
+.. math::
+
+    \mathrm{primal}(P(\lambda)) - g(\lambda) = \sum_c \lambda_c (s_c - b_c)
+        + \sum_{c\ \mathrm{soft}} \beta_c\, (b_c - s_c)_+ ,
+
+which is >= 0 once the hard rows hold, and 0 exactly at the optimum.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ccnn_jax.constraints import LinearConstraints
+
+Array = jax.Array
+
+#: Finite floor for scores, so that -inf log-probabilities (q = 0) stay NaN-free.
+LOG_FLOOR = -1e15
+
+
+class Problem(NamedTuple):
+    """One image's problem in flat form (internal): pixels flattened to N."""
+
+    f_NxK: Array  # scores, floored at LOG_FLOOR
+    lse0_N: Array  # lse_l(s f_i), the normaliser of Q^s
+    a_CxK: Array
+    b_C: Array
+    beta_C: Array
+    mask_K: Array
+    w_CxN: Array | None
+    hardness: Array
+
+
+class DualEval(NamedTuple):
+    """The dual and its derivatives at one lambda (internal)."""
+
+    g: Array  # scalar dual value
+    grad_C: Array  # b - s(P)
+    value_C: Array  # s(P), the constraint values
+    neg_hess_CxC: Array | None  # -Hessian, PSD
+    logz_N: Array  # (lse_mask(s (f_i + A_i^T lam)) - lse(s f_i)) / s; g = lam . b - mean(logz)
+
+
+class Certificate(NamedTuple):
+    """Primal value of P(lambda) (with slack penalties), dual value, their gap, hard violation."""
+
+    primal: Array
+    dual: Array
+    gap: Array
+    max_violation: Array
+
+
+def make_problem(log_q: Array, cons: LinearConstraints, hardness=1.0) -> Problem:
+    """Flattens ``log_q`` (*pixels, K) and ``cons.weights`` (C, *pixels) to N pixels."""
+    k = log_q.shape[-1]
+    s = jnp.asarray(hardness, jnp.float32)
+    f = jnp.maximum(log_q.reshape(-1, k).astype(jnp.float32), LOG_FLOOR)
+    w = None if cons.weights is None else cons.weights.reshape(cons.a.shape[0], -1)
+    return Problem(
+        f_NxK=f,
+        lse0_N=jax.nn.logsumexp(s * f, axis=-1),
+        a_CxK=cons.a.astype(jnp.float32),
+        b_C=cons.b.astype(jnp.float32),
+        beta_C=cons.beta.astype(jnp.float32),
+        mask_K=cons.mask.astype(bool),
+        w_CxN=None if w is None else w.astype(jnp.float32),
+        hardness=s,
+    )
+
+
+def _shift(lam_C: Array, prob: Problem) -> Array:
+    """sum_c lambda_c w_c(i) a_c: (K,) without weights, (N, K) with."""
+    if prob.w_CxN is None:
+        return lam_C @ prob.a_CxK
+    return (prob.w_CxN.T * lam_C) @ prob.a_CxK
+
+
+def _latent(lam_C: Array, prob: Problem):
+    """P (N, K) and lse_mask(s (f + A^T lam)) (N,)."""
+    z = prob.hardness * (prob.f_NxK + _shift(lam_C, prob))
+    z = jnp.where(prob.mask_K, z, -jnp.inf)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    p = jnp.exp(z - lse[:, None])
+    return p, lse
+
+
+def _values(p_NxK: Array, prob: Problem) -> tuple[Array, Array]:
+    """Per-pixel row values u_ic = w_c(i) a_c . P_i (N, C) and their mean s(P) (C,)."""
+    u = p_NxK @ prob.a_CxK.T
+    if prob.w_CxN is not None:
+        u = u * prob.w_CxN.T
+    return u, u.mean(axis=0)
+
+
+def _neg_hessian(p_NxK: Array, u_NxC: Array, prob: Problem) -> Array:
+    """(s/N) sum_i A_i (diag P_i - P_i P_i^T) A_i^T via the N x C product, no (N, C, K) tensor."""
+    n = p_NxK.shape[0]
+    a = prob.a_CxK
+    if prob.w_CxN is None:
+        first = (a * p_NxK.mean(axis=0)) @ a.T
+    else:
+        w = prob.w_CxN
+        g_KxCxC = jnp.einsum("ci,il,di->lcd", w, p_NxK, w) / n
+        first = jnp.einsum("cl,dl,lcd->cd", a, a, g_KxCxC)
+    return prob.hardness * (first - u_NxC.T @ u_NxC / n)
+
+
+def evaluate(lam_C: Array, prob: Problem, with_hessian: bool = True) -> DualEval:
+    """g(lambda), its gradient b - s(P), s(P) and (optionally) -Hessian, in one pass over pixels."""
+    p, lse = _latent(lam_C, prob)
+    u, value = _values(p, prob)
+    logz = (lse - prob.lse0_N) / prob.hardness
+    hess = _neg_hessian(p, u, prob) if with_hessian else None
+    return DualEval(g=lam_C @ prob.b_C - jnp.mean(logz), grad_C=prob.b_C - value, value_C=value,
+                    neg_hess_CxC=hess, logz_N=logz)
+
+
+def rise(new: DualEval, old: DualEval, lam_new: Array, lam_old: Array, prob: Problem) -> Array:
+    """g(new) - g(old) from per-pixel differences: far less float32 cancellation than g - g."""
+    return (lam_new - lam_old) @ prob.b_C - jnp.mean(new.logz_N - old.logz_N)
+
+
+def gap_and_violation(lam_C: Array, value_C: Array, prob: Problem) -> tuple[Array, Array]:
+    """Duality gap of P(lambda) (closed form, see module doc) and worst hard-row violation."""
+    hard = jnp.isinf(prob.beta_C)
+    shortfall = jnp.maximum(prob.b_C - value_C, 0.0)
+    penalty = jnp.where(hard, 0.0, prob.beta_C * shortfall)
+    gap = jnp.sum(lam_C * (value_C - prob.b_C) + penalty)
+    return gap, jnp.max(jnp.where(hard, shortfall, 0.0))
+
+
+def infeasibility_slope(lam_C: Array, prob: Problem) -> Array:
+    r"""Farkas test: the slope of g along the hard-row part d of lambda, normalised by |d|_1.
+
+    .. math:: g_\infty(d) = d^\top b - \frac1N \sum_i \max_{l \in mask} (A_i^\top d)_l
+
+    If :math:`g_\infty(d) > 0` for some :math:`d \ge 0` on the hard rows, g grows without
+    bound along d and the hard rows admit no P; for a feasible problem it is <= 0 for every d.
+    """
+    d = jnp.where(jnp.isinf(prob.beta_C), lam_C, 0.0)
+    scores = jnp.broadcast_to(_shift(d, prob), prob.f_NxK.shape[:1] + prob.a_CxK.shape[1:])
+    top = jnp.max(jnp.where(prob.mask_K, scores, -jnp.inf), axis=-1)
+    return (d @ prob.b_C - jnp.mean(top)) / (jnp.sum(d) + 1e-30)
+
+
+def dual_objective(lam: Array, log_q: Array, cons: LinearConstraints, hardness=1.0) -> Array:
+    r"""The concave dual g(lambda) of one image (see the module docstring).
+
+    Args:
+      lam: (C,) multipliers, meaningful in the box ``0 <= lam <= beta``.
+      log_q: (*pixels, K) log-probabilities or logits.
+      cons: the image's ``LinearConstraints``.
+      hardness: inverse temperature s.
+
+    >>> import jax.numpy as jnp
+    >>> from ccnn_jax import constraints
+    >>> cons = constraints.foreground(jnp.array([0.0, 0.0]))
+    >>> float(dual_objective(jnp.zeros(2), jnp.log(jnp.full((4, 2), 0.5)), cons))
+    0.0
+    """
+    return evaluate(lam, make_problem(log_q, cons, hardness), with_hessian=False).g
+
+
+def latent_distribution(lam: Array, log_q: Array, cons: LinearConstraints, hardness=1.0) -> Array:
+    r"""P_i = softmax_mask(s (f_i + A_i^T lambda)), same shape as ``log_q``; masked labels are 0."""
+    p, _ = _latent(lam, make_problem(log_q, cons, hardness))
+    return p.reshape(log_q.shape)
+
+
+def certificate(lam: Array, log_q: Array, cons: LinearConstraints, hardness=1.0) -> Certificate:
+    """Primal value of P(lambda) incl. slack penalties, dual value g(lambda), gap, hard violation.
+
+    ``primal`` is computed from its definition (mean KL plus penalties), independently of the
+    closed-form ``gap``; the two agree up to rounding.
+    """
+    prob = make_problem(log_q, cons, hardness)
+    p, lse = _latent(lam, prob)
+    _, value = _values(p, prob)
+    s = prob.hardness
+    # (1/s) KL(P_i || Q^s_i) = sum_l P_il (log P_il / s - f_il) + lse0_i / s, with masked P = 0.
+    log_p = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+    kl = jnp.sum(p * (log_p / s - prob.f_NxK), axis=-1) + prob.lse0_N / s
+    hard = jnp.isinf(prob.beta_C)
+    shortfall = jnp.maximum(prob.b_C - value, 0.0)
+    primal = jnp.mean(kl) + jnp.sum(jnp.where(hard, 0.0, prob.beta_C * shortfall))
+    dual = lam @ prob.b_C - jnp.mean(lse - prob.lse0_N) / s
+    gap, violation = gap_and_violation(lam, value, prob)
+    return Certificate(primal=primal, dual=dual, gap=gap, max_violation=violation)
