@@ -19,6 +19,7 @@ deterministic in ``seed``; the iterator's ``get_state``/``set_state`` resume exa
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -46,15 +47,26 @@ class DatasetMeta:
     background: int | None
 
 
+def _ccnn_builder_names(cls) -> set[str]:
+    """Names of the builder classes defined in ccnn_jax modules (subclasses of ``cls``)."""
+    names = set()
+    for sub in cls.__subclasses__():
+        if sub.__module__.startswith("ccnn_jax.") and not inspect.isabstract(sub):
+            names.add(sub.name)
+        names |= _ccnn_builder_names(sub)
+    return names
+
+
 def _builder(name: str, data_dir: str | None, **kwargs) -> tfds.core.DatasetBuilder:
     import ccnn_jax.data  # noqa: F401  (registers the builders)
 
     try:
         return tfds.builder(name, data_dir=data_dir, **kwargs)
-    except tfds.core.registered.DatasetNotFoundError as e:
+    except tfds.core.registered.DatasetNotFoundError:
+        ours = sorted(_ccnn_builder_names(tfds.core.DatasetBuilder))
         raise ValueError(
-            f"name: unknown dataset {name!r}; ccnn_jax registers 'ccnn_synthetic/default', "
-            f"'ccnn_synthetic/tiny', 'voc_segmentation', 'camvid' ({e})"
+            f"name: unknown dataset {name!r}; ccnn_jax registers {ours} "
+            "(add '/<config>' for a builder config, e.g. 'ccnn_synthetic/tiny')"
         ) from None
     except ValueError as e:  # e.g. an unknown config name
         raise ValueError(f"name: cannot build dataset {name!r}: {e}") from None
