@@ -99,13 +99,16 @@ def labels_in_mask(mask: np.ndarray, num_classes: int, *, source: str | None = N
     return [int(v) for v in values if v != VOID]
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 (H, W, 3) RGB image (what ``image`` features should be fed)."""
+def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
+    """PNG bytes of a uint8 (H, W, 3) RGB image (what ``image`` features should be fed).
+
+    ``compress_level`` 0 (stored) is ~2x faster to encode and decode than 1, ~30% larger.
+    """
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image: expected uint8 (H, W, 3), got {image.dtype} {image.shape}")
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 

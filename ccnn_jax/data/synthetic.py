@@ -182,7 +182,7 @@ def _texture(rng: np.random.Generator, kind: str, yy: np.ndarray, xx: np.ndarray
 def _colours(rng: np.random.Generator) -> np.ndarray:
     """Two colours (2, 3) for a texture: a random base, a contrasting second one, random gain."""
     c1 = rng.uniform(0, 1, 3)
-    c2 = np.clip(c1 + rng.choice([-1, 1], 3) * rng.uniform(0.2, 0.6, 3), 0, 1)
+    c2 = np.clip(c1 + (2 * rng.integers(0, 2, 3) - 1) * rng.uniform(0.2, 0.6, 3), 0, 1)
     gain = rng.uniform(0.6, 1.2)
     return np.clip(np.stack([c1, c2]) * gain, 0, 1).astype(np.float32)
 
@@ -194,6 +194,15 @@ def _paint(colours: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- scenes
+
+
+@functools.cache
+def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only (yy, xx) pixel-centre coordinates in [0, 1], each (size, size) float32."""
+    grid = (np.arange(size, dtype=np.float32) + 0.5) / size
+    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+    yy.flags.writeable = xx.flags.writeable = False
+    return yy, xx
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -238,8 +247,7 @@ def generate_scene(
     if size < 8:
         raise ValueError(f"config.image_size: expected >= 8, got {size}")
     rng = _rng(seed, split, index)
-    grid = (np.arange(size, dtype=np.float32) + 0.5) / size
-    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+    yy, xx = _pixel_grid(size)
 
     num_objects = int(rng.integers(1, config.max_objects + 1))
     classes = [int(c) for c in rng.integers(1, len(CLASS_NAMES), num_objects)]
@@ -375,13 +383,24 @@ class CcnnSynthetic(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, split: str, num_examples: int):
-        cfg = self.builder_config
-        for i in range(num_examples):
-            scene = generate_scene(cfg.seed, split, i, cfg)
-            yield i, {
-                "image": common.encode_png(scene.image),
-                "segmentation_mask": common.encode_mask(scene.mask),
-                "labels": scene.labels,
-                "large": scene.large,
-                "image/filename": f"{split}_{i:06d}",
-            }
+        yield from encoded_examples(self.builder_config, split, num_examples)
+
+
+def _encoded_example(config: SyntheticConfig, split: str, index: int) -> tuple[int, dict]:
+    scene = generate_scene(config.seed, split, index, config)
+    return index, {
+        "image": common.encode_png(scene.image, compress_level=0),
+        "segmentation_mask": common.encode_mask(scene.mask),
+        "labels": scene.labels,
+        "large": scene.large,
+        "image/filename": f"{split}_{index:06d}",
+    }
+
+
+def encoded_examples(config: SyntheticConfig, split: str, num_examples: int):
+    """Yields ``(index, example)`` for ``index < num_examples`` in order, as fed to TFDS.
+
+    Serial: a process pool was no faster on the shared 2-core machine.
+    """
+    for i in range(num_examples):
+        yield _encoded_example(config, split, i)
