@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import grain.python as grain
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 from PIL import Image
 
 from ccnn_jax.data import common
@@ -302,6 +303,9 @@ def make_loader(
     batch = grain.Batch(
         batch_size=batch_size, drop_remainder=train, batch_fn=_PadAndStack(batch_size)
     )
+    if worker_count > 0 and not flags.FLAGS.is_parsed():
+        # grain's worker processes read absl flags; outside an absl app, use their defaults.
+        flags.FLAGS.mark_as_parsed()
     # One reader thread: grain's default (16 threads) costs ~1.5x the CPU per batch on 2 cores.
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(16, 2 * batch_size))
     return grain.DataLoader(
