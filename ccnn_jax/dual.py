@@ -110,9 +110,10 @@ def _latent(lam_C: Array, prob: Problem):
     """P (N, K) and lse_mask(s (f + A^T lam)) (N,)."""
     z = prob.hardness * (prob.f_NxK + _shift(lam_C, prob))
     z = jnp.where(prob.mask_K, z, -jnp.inf)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    p = jnp.exp(z - lse[:, None])
-    return p, lse
+    top = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    e = jnp.exp(z - top)  # normalise by the sum, not by exp(-lse): exact to float32 at any scale
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    return e / total, (top + jnp.log(total))[:, 0]
 
 
 def _values(p_NxK: Array, prob: Problem) -> tuple[Array, Array]:
@@ -123,17 +124,33 @@ def _values(p_NxK: Array, prob: Problem) -> tuple[Array, Array]:
     return u, u.mean(axis=0)
 
 
-def _neg_hessian(p_NxK: Array, u_NxC: Array, prob: Problem) -> Array:
-    """(s/N) sum_i A_i (diag P_i - P_i P_i^T) A_i^T via the N x C product, no (N, C, K) tensor."""
-    n = p_NxK.shape[0]
+def _neg_hessian(p_NxK: Array, prob: Problem) -> Array:
+    r"""(s/N) sum_i A_i (diag P_i - P_i P_i^T) A_i^T, computed without cancellation.
+
+    Each pixel's covariance is centred on its most likely label m_i,
+    :math:`\sum_l P_{il} (a_l - a_{m_i})(a_l - a_{m_i})^\top - \tilde u_i \tilde u_i^\top` with
+    :math:`\tilde u_i = \sum_l P_{il}(a_l - a_{m_i})`, so a nearly one-hot P (large logits or
+    hardness) gives a small, accurate, PSD matrix instead of the difference of two O(1) terms.
+    Without weights the first sum is grouped by mode through the K x K mode-label mass
+    :math:`T_{ml}`, and nothing of size N x C x K is formed.
+    """
+    n, k = p_NxK.shape
     a = prob.a_CxK
+    mode = jax.nn.one_hot(jnp.argmax(p_NxK, axis=-1), k, dtype=p_NxK.dtype)
+    p_off = p_NxK * (1.0 - mode)
+    p_centred = p_off - mode * p_off.sum(-1, keepdims=True)  # sum_l = 0, exact off the mode
+    u = p_centred @ a.T
     if prob.w_CxN is None:
-        first = (a * p_NxK.mean(axis=0)) @ a.T
+        t_KxK = mode.T @ p_off  # T[m, l]: mass on l of pixels whose mode is m
+        first = (a * t_KxK.sum(0)) @ a.T + (a * t_KxK.sum(1)) @ a.T - a @ t_KxK.T @ a.T
+        first = first - a @ t_KxK @ a.T
     else:
         w = prob.w_CxN
-        g_KxCxC = jnp.einsum("ci,il,di->lcd", w, p_NxK, w) / n
-        first = jnp.einsum("cl,dl,lcd->cd", a, a, g_KxCxC)
-    return prob.hardness * (first - u_NxC.T @ u_NxC / n)
+        u = u * w.T
+        centred_NxCxK = w.T[:, :, None] * (a[None] - (mode @ a.T)[:, :, None])
+        first = jnp.einsum("icl,il,idl->cd", centred_NxCxK, p_off, centred_NxCxK)
+    neg_hess = prob.hardness * (first - u.T @ u) / n
+    return 0.5 * (neg_hess + neg_hess.T)
 
 
 def evaluate(lam_C: Array, prob: Problem, with_hessian: bool = True) -> DualEval:
@@ -141,7 +158,7 @@ def evaluate(lam_C: Array, prob: Problem, with_hessian: bool = True) -> DualEval
     p, lse = _latent(lam_C, prob)
     u, value = _values(p, prob)
     logz = (lse - prob.lse0_N) / prob.hardness
-    hess = _neg_hessian(p, u, prob) if with_hessian else None
+    hess = _neg_hessian(p, prob) if with_hessian else None
     return DualEval(g=lam_C @ prob.b_C - jnp.mean(logz), grad_C=prob.b_C - value, value_C=value,
                     neg_hess_CxC=hess, logz_N=logz)
 

@@ -59,6 +59,7 @@ class _Loop(NamedTuple):
     lam: Array
     ev: dual.DualEval
     step: Array  # Newton: damping mu; PGA: backtracking multiplier
+    radius: Array  # Newton: trust radius (infinity norm); PGA: unused
     opt_state: optax.OptState  # PGA only (empty tuple for Newton)
     updates: Array  # PGA only: the pending optax update
     done: Array
@@ -118,33 +119,46 @@ def _newton_direction(ev: dual.DualEval, lam, upper, mu) -> tuple[Array, Array]:
     return jnp.where(free, d, 0.0), grad_free
 
 
+def _initial_radius(prob: dual.Problem) -> Array:
+    """A step of lambda ~ the per-pixel spread of the scores can flip any pixel's label."""
+    f = jnp.where(prob.mask_K, prob.f_NxK, jnp.nan)
+    spread = jnp.nanmax(f, axis=-1) - jnp.nanmin(f, axis=-1)
+    return 1.0 + jnp.mean(jnp.clip(spread, 0.0, 1e4))
+
+
 def _newton_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
+    """Projected Newton with Levenberg-Marquardt damping mu and an infinity-norm trust radius.
+
+    One evaluation of g, grad g and -Hessian per iteration; the accepted point's evaluation is
+    carried to the next iteration. A rejected trial shrinks the radius to a quarter of its
+    length and doubles mu; an accepted one relaxes both.
+    """
     upper = _upper(prob, max_lambda)
     ev0 = dual.evaluate(lam0, prob)
-    scale0 = jnp.trace(ev0.neg_hess_CxC) / lam0.shape[0]
+
+    def mu_floor(ev):
+        return 1e-7 * jnp.max(jnp.diag(ev.neg_hess_CxC)) + 1e-12
+
     init = _Loop(
-        it=jnp.asarray(1, jnp.int32), lam=lam0, ev=ev0, step=1e-6 * scale0 + 1e-12,
-        opt_state=(), updates=jnp.zeros_like(lam0),
+        it=jnp.asarray(1, jnp.int32), lam=lam0, ev=ev0, step=mu_floor(ev0),
+        radius=_initial_radius(prob), opt_state=(), updates=jnp.zeros_like(lam0),
         done=_finished(lam0, ev0, prob, upper, tol),
     )
 
     def body(st: _Loop) -> _Loop:
-        mu = st.step
-        d, grad_free = _newton_direction(st.ev, st.lam, upper, mu)
+        d, _ = _newton_direction(st.ev, st.lam, upper, st.step)
+        d = d * jnp.minimum(1.0, st.radius / (jnp.max(jnp.abs(d)) + 1e-30))
         lam_new = jnp.clip(st.lam + d, 0.0, upper)
         ev_new = dual.evaluate(lam_new, prob)
         ok = _accept(ev_new, st.ev, lam_new, st.lam, prob, upper)
-        floor = 1e-7 * jnp.trace(ev_new.neg_hess_CxC) / lam0.shape[0] + 1e-12
-        # Rejected: shrink the step to about a quarter of the rejected length (trust region).
-        step_len = jnp.max(jnp.abs(lam_new - st.lam)) + 1e-30
-        grad_len = jnp.max(jnp.abs(grad_free))
-        mu_reject = jnp.maximum(4.0 * mu, 4.0 * grad_len / step_len)
+        step_len = jnp.max(jnp.abs(lam_new - st.lam))
         lam = jnp.where(ok, lam_new, st.lam)
         ev = jax.tree.map(lambda n, o: jnp.where(ok, n, o), ev_new, st.ev)
-        mu = jnp.where(ok, jnp.maximum(mu / 4.0, floor), mu_reject)
-        stuck = (mu > 1e30) | (step_len <= 1e-30)
+        mu = jnp.where(ok, jnp.maximum(st.step / 4.0, mu_floor(ev_new)), 2.0 * st.step)
+        radius = jnp.where(ok, jnp.maximum(st.radius, 2.0 * step_len), 0.25 * step_len)
+        stuck = (step_len == 0.0) | (mu > 1e30)
         done = _finished(lam, ev, prob, upper, tol) | stuck
-        return st._replace(it=st.it + 1, lam=lam, ev=ev, step=mu, done=done)
+        return st._replace(it=st.it + 1, lam=lam, ev=ev, step=mu, radius=radius, done=done)
 
     return jax.lax.while_loop(lambda st: (~st.done) & (st.it < max_iter), body, init)
 
@@ -193,7 +207,7 @@ def _pga_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
     updates, opt_state = tx.update(-ev0.grad_C, tx.init(lam0), lam0)
     init = _Loop(
         it=jnp.asarray(1, jnp.int32), lam=lam0, ev=ev0, step=jnp.asarray(1.0, jnp.float32),
-        opt_state=opt_state, updates=updates, done=_finished(lam0, ev0, prob, upper, tol),
+        radius=jnp.asarray(0.0, jnp.float32), opt_state=opt_state, updates=updates, done=_finished(lam0, ev0, prob, upper, tol),
     )
 
     def body(st: _Loop) -> _Loop:
