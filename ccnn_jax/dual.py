@@ -191,6 +191,7 @@ def infeasibility_slope(lam_C: Array, prob: Problem) -> Array:
     return (d @ prob.b_C - jnp.mean(top)) / (jnp.sum(d) + 1e-30)
 
 
+@jax.jit
 def dual_objective(lam: Array, log_q: Array, cons: LinearConstraints, hardness=1.0) -> Array:
     r"""The concave dual g(lambda) of one image (see the module docstring).
 
@@ -209,12 +210,14 @@ def dual_objective(lam: Array, log_q: Array, cons: LinearConstraints, hardness=1
     return evaluate(lam, make_problem(log_q, cons, hardness), with_hessian=False).g
 
 
+@jax.jit
 def latent_distribution(lam: Array, log_q: Array, cons: LinearConstraints, hardness=1.0) -> Array:
     r"""P_i = softmax_mask(s (f_i + A_i^T lambda)), same shape as ``log_q``; masked labels are 0."""
     p, _ = _latent(lam, make_problem(log_q, cons, hardness))
     return p.reshape(log_q.shape)
 
 
+@jax.jit
 def certificate(lam: Array, log_q: Array, cons: LinearConstraints, hardness=1.0) -> Certificate:
     """Primal value of P(lambda) incl. slack penalties, dual value g(lambda), gap, hard violation.
 
