@@ -55,7 +55,10 @@ class TrainState:
     rng: jax.Array
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> UNet:
+def create_model(
+    config: ml_collections.ConfigDict, num_classes: int, key: jax.Array | int
+) -> UNet:
+    """The configured UNet; ``key`` seeds the parameter initialisation."""
     m = config.model
     return UNet(
         num_classes,
@@ -63,7 +66,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int)
         depth=m.depth,
         norm=m.norm,
         output_stride=m.get("output_stride", 1),
-        rngs=nnx.Rngs(params=seed),
+        rngs=nnx.Rngs(params=key),
     )
 
 
@@ -86,18 +89,29 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 def create_train_state(
     config: ml_collections.ConfigDict, num_classes: int
 ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
-    """(graphdef, state, tx) for a freshly initialised model (deterministic from config.seed)."""
-    model = create_model(config, num_classes, config.seed)
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
+    """(graphdef, state, tx) for a freshly initialised model (deterministic from config.seed).
+
+    Initialisation runs as one jitted program with "rbg" keys: eager threefry initialisation
+    compiles every initializer separately and takes minutes on a small CPU.
+    """
     tx = make_optimizer(config)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=tx.init(params),
-        rng=jax.random.key_data(jax.random.key(config.seed + 1)),
-    )
-    return graphdef, state, tx
+
+    def init():
+        key = jax.random.key(config.seed, impl="rbg")
+        init_key, state_key = jax.random.split(key)
+        model = create_model(config, num_classes, init_key)
+        _, params, batch_stats = nnx.split(model, nnx.Param, ...)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(state_key),
+        )
+
+    abstract_model = nnx.eval_shape(lambda: create_model(config, num_classes, 0))
+    graphdef = nnx.graphdef(abstract_model)
+    return graphdef, jax.jit(init)(), tx
 
 
 def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:

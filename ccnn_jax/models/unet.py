@@ -84,7 +84,8 @@ class UNet(nnx.Module):
         up_skipped = output_stride.bit_length() - 1
         if output_stride < 1 or output_stride != 2**up_skipped or up_skipped > depth:
             raise ValueError(
-                f"output_stride must be a power of two <= 2**depth = {2**depth}, got {output_stride}"
+                f"output_stride must be a power of two <= 2**depth = {2**depth}, "
+                f"got {output_stride}"
             )
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")

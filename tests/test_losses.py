@@ -1,0 +1,109 @@
+"""CCNN / MIL / supervised losses: the CCNN gradient is (q - p) / N, padding is ignored."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ccnn_jax import constraints, losses
+
+K = 4
+TAGS = np.array([[1, 1, 0, 0], [1, 0, 1, 1], [0, 0, 0, 0]], np.float32)  # 3rd image: padding
+VALID = np.array([1.0, 1.0, 0.0], np.float32)
+
+
+def _logits(b=3, h=6, w=5, seed=0):
+    return 2.0 * jax.random.normal(jax.random.key(seed), (b, h, w, K))
+
+
+def test_ccnn_gradient_is_q_minus_p_over_n_single_image():
+    logits = _logits(b=1)
+    tags = jnp.asarray(TAGS[:1])
+    (loss, aux), g = jax.value_and_grad(
+        lambda z: losses.ccnn_loss(z, tags, jnp.ones(1)), has_aux=True
+    )(logits)
+    n = 6 * 5
+    q = jax.nn.softmax(logits, axis=-1)
+    np.testing.assert_allclose(g, (q - aux["p"]) / n, rtol=1e-5, atol=1e-7)
+    # loss is the mean pixel cross-entropy from P to Q
+    expected = -np.sum(np.asarray(aux["p"]) * np.log(np.asarray(q))) / n
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # P is a distribution, zero on labels absent from the tags, and meets the constraints
+    p = np.asarray(aux["p"])
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+    assert np.all(p[..., 2:] == 0.0)
+    assert aux["solver_converged"] == 1.0
+    assert 0.3 - 1e-3 <= p[..., 0].mean() <= 0.7 + 1e-3
+
+
+def test_ccnn_batch_weights_valid_examples_only():
+    logits = _logits()
+    grad_fn = jax.value_and_grad(
+        lambda z, t, v: losses.ccnn_loss(z, t, v), has_aux=True
+    )
+    (loss, aux), g = grad_fn(logits, jnp.asarray(TAGS), jnp.asarray(VALID))
+    q = jax.nn.softmax(logits, axis=-1)
+    n, n_valid = 30, 2
+    np.testing.assert_allclose(g[:2], (q[:2] - aux["p"][:2]) / (n * n_valid), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(g[2], 0.0)
+    assert np.isfinite(float(loss))
+    # changing the padded example changes nothing
+    logits2 = logits.at[2].set(100.0 * jax.random.normal(jax.random.key(5), (6, 5, K)))
+    (loss2, _), g2 = grad_fn(logits2, jnp.asarray(TAGS), jnp.asarray(VALID))
+    assert float(loss2) == pytest.approx(float(loss), rel=1e-6)
+    np.testing.assert_allclose(g2[:2], g[:2], rtol=1e-6)
+    # solver statistics are reported
+    for key in ("solver_iterations", "solver_converged", "solver_gap", "solver_violation"):
+        assert np.isfinite(float(aux[key])), key
+
+
+def test_ccnn_size_hints_make_large_class_cover_ten_percent():
+    logits = _logits(b=1, seed=3).at[..., 1].add(-6.0)  # Q nearly ignores label 1
+    tags = jnp.array([[1.0, 1.0, 1.0, 0.0]])  # label 2 can take background's remaining 30%
+    size = jnp.array([[0.0, 1.0, 0.0, 0.0]])
+    _, aux = losses.ccnn_loss(logits, tags, jnp.ones(1), size_BxK=size)
+    p = np.asarray(aux["p"])
+    assert p[..., 1].mean() >= 0.1 - 1e-3
+    _, aux_tags = losses.ccnn_loss(logits, tags, jnp.ones(1))
+    assert np.asarray(aux_tags["p"])[..., 1].mean() < 0.1  # tags alone ask for only 5%
+    assert constraints.SIZE_HARDNESS == 1000.0
+
+
+def test_ccnn_without_background_class():
+    logits = _logits(b=1)
+    _, aux = losses.ccnn_loss(logits, jnp.array([[0.0, 1.0, 1.0, 0.0]]), jnp.ones(1),
+                              background=None)
+    p = np.asarray(aux["p"])
+    assert np.all(p[..., [0, 3]] == 0)
+    assert p[..., 1].mean() >= 0.05 - 1e-3 and p[..., 2].mean() >= 0.05 - 1e-3
+
+
+def test_mil_loss_by_hand():
+    logits = _logits()
+    loss, _ = losses.mil_loss(logits, jnp.asarray(TAGS), jnp.asarray(VALID))
+    s = np.asarray(logits).max(axis=(1, 2))
+    bce = np.logaddexp(0, s) - TAGS * s  # -t log sigmoid(s) - (1 - t) log(1 - sigmoid(s))
+    expected = bce[:2].mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_supervised_loss_ignores_void_and_padding():
+    logits = _logits()
+    mask = np.array(jax.random.randint(jax.random.key(2), (3, 6, 5), 0, K))
+    mask[0, :2] = 255
+    loss, _ = losses.supervised_loss(logits, jnp.asarray(mask), jnp.asarray(VALID))
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    picked = [-logp[b, i, j, mask[b, i, j]] for b in range(2) for i in range(6) for j in range(5)
+              if mask[b, i, j] != 255]
+    assert float(loss) == pytest.approx(np.mean(picked), rel=1e-5)
+    all_void = jnp.full((3, 6, 5), 255)
+    assert float(losses.supervised_loss(logits, all_void, jnp.asarray(VALID))[0]) == 0.0
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="tags_BxK"):
+        losses.ccnn_loss(_logits(), jnp.ones((3, K + 1)), jnp.ones(3))
+    with pytest.raises(ValueError, match="mask_BxHxW"):
+        losses.supervised_loss(_logits(), jnp.zeros((3, 3, 5), jnp.int32), jnp.ones(3))
+    with pytest.raises(ValueError, match="tags_BxK"):
+        losses.mil_loss(_logits(), jnp.ones((2, K)), jnp.ones(3))

@@ -1,0 +1,207 @@
+"""Training: loss decreases, no recompilation, 4-device sharding == 1 device, exact resume
+(including from a corrupt latest checkpoint), the run's outputs."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from ccnn_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _get_config(config_string):
+    spec = importlib.util.spec_from_file_location(
+        "synthetic_config", ROOT / "experiments" / "configs" / "synthetic.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(config_string)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Reuse compiled steps across the runs of this module (same programs, same numerics)."""
+    names = ["jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes"]
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+
+
+class _Meta:
+    background = 0
+    num_classes = 3
+    class_names = ["background", "square", "bar"]
+
+
+def _batch(b=4, size=16, seed=0):
+    """Images with a bright square (class 1) and/or a dark bar (class 2) on grey."""
+    rng = np.random.default_rng(seed)
+    image = np.full((b, size, size, 3), 0.5, np.float32)
+    mask = np.zeros((b, size, size), np.int32)
+    tags = np.zeros((b, 3), np.float32)
+    tags[:, 0] = 1
+    for i in range(b):
+        if i % 2 == 0:
+            y, x = rng.integers(0, size - 6, 2)
+            image[i, y : y + 6, x : x + 6] = 0.9
+            mask[i, y : y + 6, x : x + 6] = 1
+            tags[i, 1] = 1
+        if i % 3 != 1:
+            x = rng.integers(0, size - 3)
+            image[i, :, x : x + 3] = 0.1
+            mask[i, :, x : x + 3] = 2
+            tags[i, 2] = 1
+    size_hint = np.zeros_like(tags)
+    return {"image": image, "mask": mask, "tags": tags, "size": size_hint,
+            "valid": np.ones(b, np.float32)}
+
+
+def _tiny_config(method):
+    c = _get_config(f"{method},tiny")
+    c.model.width, c.model.depth = 4, 1
+    c.num_steps, c.warmup_steps, c.learning_rate = 20, 0, 1e-2
+    return c
+
+
+@pytest.mark.parametrize("method", ["ccnn", "full"])
+def test_train_step_decreases_loss_without_recompiling(method):
+    config = _tiny_config(method)
+    graphdef, state, tx = train.create_train_state(config, _Meta.num_classes)
+    steps = train.make_steps(graphdef, tx, train.loss_spec(config, _Meta))
+    state = steps.put_state(state)
+    batch = steps.put_batch(_batch())
+    losses = []
+    for _ in range(8):
+        state, m = steps.train(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert int(state.step) == 8
+    assert steps.train._cache_size() == 1  # one compilation for all steps
+    if method == "ccnn":
+        assert float(m["solver_converged"]) == 1.0
+
+
+_SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    import test_train as t
+    from ccnn_jax import train
+    assert jax.device_count() == 4, jax.devices()
+    config = t._tiny_config("ccnn")
+    out = {{}}
+    for n in (4, 1):
+        mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.devices()[:n])
+        graphdef, state, tx = train.create_train_state(config, t._Meta.num_classes)
+        steps = train.make_steps(graphdef, tx, train.loss_spec(config, t._Meta), mesh)
+        state = steps.put_state(state)
+        for i in range(2):
+            state, m = steps.train(state, steps.put_batch(t._batch(b=8, seed=i)))
+        assert len(m["loss"].sharding.device_set) == n
+        out[n] = {{"params": [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)],
+                  "loss": float(m["loss"]), "confusion": np.asarray(m["confusion"]).tolist()}}
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_sharded_step_on_4_devices_matches_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT.format(tests=str(ROOT / "tests"))],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
+    out = json.loads(line[len("RESULT"):])
+    assert out["4"]["loss"] == pytest.approx(out["1"]["loss"], rel=1e-5)
+    assert out["4"]["confusion"] == out["1"]["confusion"]
+    for a, b in zip(out["4"]["params"], out["1"]["params"], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from ccnn_jax.data import pipeline
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    pipeline.prepare("ccnn_synthetic/tiny", data_dir=path)
+    return path
+
+
+def _params(out):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(out.state.params))]
+
+
+def test_resume_after_interruption_and_corrupt_checkpoint_gives_identical_params(
+    data_dir, tmp_path, capsys
+):
+    config = _get_config("ccnn,tiny")
+    config.data_dir = data_dir
+    assert config.num_steps == 6 and config.checkpoint_every == 3
+    full = train.train_and_evaluate(config, tmp_path / "a", progress=False)
+    reference = _params(train.train(config, tmp_path / "a", progress=False))  # restored, no steps
+
+    # outputs of the uninterrupted run
+    a = tmp_path / "a"
+    results = json.loads((a / "results.json").read_text())
+    for key in ("method", "miou", "pixel_accuracy", "per_class_iou", "class_names", "steps",
+                "seconds"):
+        assert key in results, key
+    assert results["steps"] == 6 and results["method"] == "ccnn"
+    assert 0.0 <= results["miou"] <= 1.0 and results["miou"] == full["miou"]
+    assert len(results["per_class_iou"]) == len(results["class_names"]) == 9
+    for name in ("predictions.png", "curves.png", "results.md"):
+        assert (a / name).stat().st_size > 0, name
+    rows = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert any(p.name.startswith("events.out.tfevents") for p in (a / "tensorboard").iterdir())
+
+    # interrupted after 4 steps (checkpoints 3 and 4), latest checkpoint then corrupted
+    b = tmp_path / "b"
+    part = train.train(config, b, max_steps_this_run=4, progress=False)
+    assert int(part.state.step) == 4
+    for f in (b / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage")
+    capsys.readouterr()
+    resumed = train.train(config, b, progress=False)
+    log = capsys.readouterr().out
+    assert "corrupt" in log and "step 4" in log
+    assert resumed.resumed_from == 3
+    assert (b / "corrupt_checkpoints" / "4").exists()
+    for x, y in zip(_params(resumed), reference, strict=True):
+        np.testing.assert_array_equal(x, y)
+    # the logs of the resumed run continue where the checkpoint was taken
+    rows = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+
+    # rerunning a finished run resumes (no training) and reports the same result
+    again = train.train_and_evaluate(config, a, progress=False)
+    assert again["resumed_from"] == 6 and again["miou"] == full["miou"]
+
+
+def test_bad_config_is_reported():
+    config = _get_config("ccnn,tiny")
+    config.batch_size = 0
+    with pytest.raises(ValueError, match="batch_size"):
+        train.train(config, "/nonexistent-never-created")
+    with pytest.raises(ValueError, match="method"):
+        _get_config("semi")
