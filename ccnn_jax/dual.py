@@ -106,57 +106,61 @@ def _shift(lam_C: Array, prob: Problem) -> Array:
     return (prob.w_CxN.T * lam_C) @ prob.a_CxK
 
 
-def _latent(lam_C: Array, prob: Problem):
-    """P (N, K) and lse_mask(s (f + A^T lam)) (N,)."""
+def _latent(lam_C: Array, prob: Problem) -> tuple[Array, Array]:
+    """P (N, K) and lse_mask(s (f + A^T lam)) (N,). P is normalised by the sum of the
+    exponentials, not by exp(-lse), so it sums to 1 to float32 precision at any scale."""
     z = prob.hardness * (prob.f_NxK + _shift(lam_C, prob))
     z = jnp.where(prob.mask_K, z, -jnp.inf)
     top = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-    e = jnp.exp(z - top)  # normalise by the sum, not by exp(-lse): exact to float32 at any scale
+    e = jnp.exp(z - top)
     total = jnp.sum(e, axis=-1, keepdims=True)
     return e / total, (top + jnp.log(total))[:, 0]
 
 
-def _values(p_NxK: Array, prob: Problem) -> tuple[Array, Array]:
-    """Per-pixel row values u_ic = w_c(i) a_c . P_i (N, C) and their mean s(P) (C,)."""
-    u = p_NxK @ prob.a_CxK.T
-    if prob.w_CxN is not None:
-        u = u * prob.w_CxN.T
-    return u, u.mean(axis=0)
+def _values(p_NxK: Array, prob: Problem) -> Array:
+    """s(P) (C,): s_c = (1/N) sum_i w_c(i) a_c . P_i; without weights, a @ mean_i P_i."""
+    if prob.w_CxN is None:
+        return prob.a_CxK @ p_NxK.mean(axis=0)
+    return jnp.mean((p_NxK @ prob.a_CxK.T) * prob.w_CxN.T, axis=0)
 
 
 def _neg_hessian(p_NxK: Array, prob: Problem) -> Array:
-    r"""(s/N) sum_i A_i (diag P_i - P_i P_i^T) A_i^T, computed without cancellation.
+    r"""(s/N) sum_i A_i (diag P_i - P_i P_i^T) A_i^T, PSD in float32.
 
-    Each pixel's covariance is centred on its most likely label m_i,
+    Without weights this is :math:`s\, a\, \Sigma\, a^\top` with the K x K label covariance
+    :math:`\Sigma = \frac1N\sum_i (\mathrm{diag} P_i - P_i P_i^\top)`. Its rows sum to 0, so
+    :math:`\Sigma` is the Laplacian of the co-occurrence weights
+    :math:`O_{lm} = \frac1N\sum_i P_{il} P_{im}` (l != m): the diagonal is taken as the row sums
+    of O rather than :math:`\bar P_l - O_{ll}`, a difference of two O(1) numbers when P is nearly
+    one-hot (large logits or hardness). The result is PSD to rounding, costs one K x N x K
+    product, and forms nothing of size N x C.
+
+    With weights, each pixel's covariance is centred on its most likely label m_i,
     :math:`\sum_l P_{il} (a_l - a_{m_i})(a_l - a_{m_i})^\top - \tilde u_i \tilde u_i^\top` with
-    :math:`\tilde u_i = \sum_l P_{il}(a_l - a_{m_i})`, so a nearly one-hot P (large logits or
-    hardness) gives a small, accurate, PSD matrix instead of the difference of two O(1) terms.
-    Without weights the first sum is grouped by mode through the K x K mode-label mass
-    :math:`T_{ml}`, and nothing of size N x C x K is formed.
+    :math:`\tilde u_i = \sum_l P_{il}(a_l - a_{m_i})` (an N x C x K product).
     """
     n, k = p_NxK.shape
     a = prob.a_CxK
-    mode = jax.nn.one_hot(jnp.argmax(p_NxK, axis=-1), k, dtype=p_NxK.dtype)
-    p_off = p_NxK * (1.0 - mode)
-    p_centred = p_off - mode * p_off.sum(-1, keepdims=True)  # sum_l = 0, exact off the mode
-    u = p_centred @ a.T
     if prob.w_CxN is None:
-        t_KxK = mode.T @ p_off  # T[m, l]: mass on l of pixels whose mode is m
-        first = (a * t_KxK.sum(0)) @ a.T + (a * t_KxK.sum(1)) @ a.T - a @ t_KxK.T @ a.T
-        first = first - a @ t_KxK @ a.T
+        cooccur_KxK = jnp.where(jnp.eye(k, dtype=bool), 0.0, p_NxK.T @ p_NxK / n)
+        laplacian_KxK = jnp.diag(cooccur_KxK.sum(axis=1)) - cooccur_KxK
+        neg_hess = prob.hardness * (a @ laplacian_KxK @ a.T)
     else:
         w = prob.w_CxN
-        u = u * w.T
+        mode = jax.nn.one_hot(jnp.argmax(p_NxK, axis=-1), k, dtype=p_NxK.dtype)
+        p_off = p_NxK * (1.0 - mode)
+        p_centred = p_off - mode * p_off.sum(-1, keepdims=True)  # sums to 0, exact off the mode
+        u = (p_centred @ a.T) * w.T
         centred_NxCxK = w.T[:, :, None] * (a[None] - (mode @ a.T)[:, :, None])
         first = jnp.einsum("icl,il,idl->cd", centred_NxCxK, p_off, centred_NxCxK)
-    neg_hess = prob.hardness * (first - u.T @ u) / n
+        neg_hess = prob.hardness * (first - u.T @ u) / n
     return 0.5 * (neg_hess + neg_hess.T)
 
 
 def evaluate(lam_C: Array, prob: Problem, with_hessian: bool = True) -> DualEval:
     """g(lambda), its gradient b - s(P), s(P) and (optionally) -Hessian, in one pass over pixels."""
     p, lse = _latent(lam_C, prob)
-    u, value = _values(p, prob)
+    value = _values(p, prob)
     logz = (lse - prob.lse0_N) / prob.hardness
     hess = _neg_hessian(p, prob) if with_hessian else None
     return DualEval(g=lam_C @ prob.b_C - jnp.mean(logz), grad_C=prob.b_C - value, value_C=value,
@@ -186,7 +190,7 @@ def infeasibility_slope(lam_C: Array, prob: Problem) -> Array:
     bound along d and the hard rows admit no P; for a feasible problem it is <= 0 for every d.
     """
     d = jnp.where(jnp.isinf(prob.beta_C), lam_C, 0.0)
-    scores = jnp.broadcast_to(_shift(d, prob), prob.f_NxK.shape[:1] + prob.a_CxK.shape[1:])
+    scores = _shift(d, prob)  # (K,) without weights: the same for every pixel
     top = jnp.max(jnp.where(prob.mask_K, scores, -jnp.inf), axis=-1)
     return (d @ prob.b_C - jnp.mean(top)) / (jnp.sum(d) + 1e-30)
 
@@ -226,7 +230,7 @@ def certificate(lam: Array, log_q: Array, cons: LinearConstraints, hardness=1.0)
     """
     prob = make_problem(log_q, cons, hardness)
     p, lse = _latent(lam, prob)
-    _, value = _values(p, prob)
+    value = _values(p, prob)
     s = prob.hardness
     # (1/s) KL(P_i || Q^s_i) = sum_l P_il (log P_il / s - f_il) + lse0_i / s, with masked P = 0.
     log_p = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)

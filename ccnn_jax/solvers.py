@@ -137,7 +137,7 @@ def _newton_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
     ev0 = dual.evaluate(lam0, prob)
 
     def mu_floor(ev):
-        return 1e-7 * jnp.max(jnp.diag(ev.neg_hess_CxC)) + 1e-12
+        return 1e-6 * jnp.max(jnp.diag(ev.neg_hess_CxC)) + 1e-12
 
     init = _Loop(
         it=jnp.asarray(1, jnp.int32), lam=lam0, ev=ev0, step=mu_floor(ev0),
@@ -207,7 +207,8 @@ def _pga_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
     updates, opt_state = tx.update(-ev0.grad_C, tx.init(lam0), lam0)
     init = _Loop(
         it=jnp.asarray(1, jnp.int32), lam=lam0, ev=ev0, step=jnp.asarray(1.0, jnp.float32),
-        radius=jnp.asarray(0.0, jnp.float32), opt_state=opt_state, updates=updates, done=_finished(lam0, ev0, prob, upper, tol),
+        radius=jnp.asarray(0.0, jnp.float32), opt_state=opt_state, updates=updates,
+        done=_finished(lam0, ev0, prob, upper, tol),
     )
 
     def body(st: _Loop) -> _Loop:
@@ -239,7 +240,7 @@ def _solve(log_q, cons, tol, hardness, max_lambda, *, method, max_iter):
     loop = {"newton": _newton_loop, "pga": _pga_loop}[method]
     st = loop(prob, lam0, tol, max_iter, max_lambda)
     p, _ = dual._latent(st.lam, prob)
-    _, value = dual._values(p, prob)
+    value = st.ev.value_C  # s(P) at the final lambda, from the loop's last accepted evaluation
     gap, violation = dual.gap_and_violation(st.lam, value, prob)
     upper = _upper(prob, max_lambda)
     hard = jnp.isinf(prob.beta_C)
@@ -289,8 +290,7 @@ def _check(log_q, cons: LinearConstraints, method, batched: bool) -> None:
             raise ValueError(f"cons.weights must have shape {want} (C, *pixels), "
                              f"got {cons.weights.shape}")
     if _is_concrete(log_q):
-        arr = np.asarray(log_q)
-        if np.isnan(arr).any() or np.isposinf(arr).any():
+        if bool(jnp.any(jnp.isnan(log_q) | (log_q == jnp.inf))):  # reduced on device
             raise ValueError("log_q contains NaN or +inf; expected finite logits or "
                              "log-probabilities (-inf allowed for q = 0)")
 
