@@ -101,6 +101,16 @@ def oracle_alpha(mask_BxHxW: jax.Array, num_classes: int, fraction: float) -> ja
     return fraction * one_hot.sum(axis=(1, 2)) / n
 
 
+def _foreground_rows(alpha_K: jax.Array) -> constraints_lib.LinearConstraints:
+    """``constraints.foreground(alpha)`` (hard rows, no mask) plus two inert rows."""
+    k = alpha_K.shape[0]
+    inert = constraints_lib.LinearConstraints(
+        a=jnp.zeros((2, k), jnp.float32), b=jnp.zeros(2, jnp.float32),
+        beta=jnp.full(2, jnp.inf, jnp.float32), mask=jnp.ones(k, bool),
+    )  # fmt: skip
+    return constraints_lib.concatenate([constraints_lib.foreground(alpha_K), inert])
+
+
 def variant_constraints(
     variant: str,
     batch: dict,
@@ -112,6 +122,8 @@ def variant_constraints(
 ) -> constraints_lib.LinearConstraints:
     """Batched constraints (leading axis B) of ``variant`` for a batch with tags and masks.
 
+    Every variant has C = K + 2 rows (``tags``/``oracle``: the K label rows then two inert rows,
+    a = 0, b = 0), the shape of ``from_tags``, so all variants share one compiled solver.
     Padding examples (zero tags) get no active row in ``tags``/``oracle`` and an all-allowed
     mask in ``ccnn_tags``, so they are always feasible.
     """
@@ -119,10 +131,9 @@ def variant_constraints(
     if tags.ndim != 2 or tags.shape[1] != num_classes:
         raise ValueError(f"batch['tags'] must have shape (B, {num_classes}), got {tags.shape}")
     if variant == "tags":
-        return jax.vmap(constraints_lib.foreground)(tags_alpha(tags, tags_fraction))
+        return jax.vmap(_foreground_rows)(tags_alpha(tags, tags_fraction))
     if variant == "oracle":
-        alpha = oracle_alpha(batch["mask"], num_classes, oracle_fraction)
-        return jax.vmap(constraints_lib.foreground)(alpha)
+        return jax.vmap(_foreground_rows)(oracle_alpha(batch["mask"], num_classes, oracle_fraction))
     if variant == "ccnn_tags":
         return jax.vmap(lambda t: constraints_lib.from_tags(t, background=background))(tags)
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")

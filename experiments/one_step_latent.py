@@ -209,7 +209,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
     from ccnn_jax.data import pipeline
 
     t_start = time.time()
-    workdir = epath.Path(workdir)
+    workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute checkpoint paths
     workdir.mkdir(parents=True, exist_ok=True)
     variants = list(config.variants)
     for v in variants:
@@ -275,8 +275,10 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
                                              epsilon=float(config.kl_epsilon)))  # fmt: skip
             keep = (np.asarray(batch["valid"]) > 0) & (stats["count"] > 0)
             info = jax.device_get(sol.info)
+            active = np.asarray(jax.device_get(sol.lam) > 0).any(axis=-1)
             acc[v].add(keep, **stats, converged=info.converged, gap=info.gap,
-                       violation=info.max_violation, iterations=info.iterations)  # fmt: skip
+                       violation=info.max_violation, iterations=info.iterations,
+                       active=active)  # fmt: skip
             acc[v].add_confusion(jnp.argmax(sol.p, -1), batch["mask"], batch["valid"])
             latents[v] = sol.p
             if v == config.cvxpy_variant and cvxpy_result is None and config.cvxpy_images > 0:
@@ -311,6 +313,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
             **a.segmentation(),
             "solver": {
                 "converged_fraction": float(a.cat("converged").mean()),
+                "active_fraction": float(a.cat("active").mean()),  # images with some lambda > 0
                 "max_gap": float(a.cat("gap").max()),
                 "max_violation": float(a.cat("violation").max()),
                 "mean_iterations": float(a.cat("iterations").mean()),
@@ -359,6 +362,7 @@ def table_rows(results: dict) -> list[dict]:
                      "reduction": r["reduction"], "KL(·‖Q_full)": r["kl_latent_full"],
                      "pixel_accuracy": r["pixel_accuracy"], "miou": r["miou"],
                      "converged": r["solver"]["converged_fraction"],
+                     "active": r["solver"]["active_fraction"],
                      "max gap": f"{r['solver']['max_gap']:.1e}",
                      "ms/image": r["solver"]["batched_ms_per_image"]})  # fmt: skip
     rows.append({"map": f"Q_full (step {results['full_steps']})", "KL(Q_full‖·)": 0.0,
@@ -368,7 +372,7 @@ def table_rows(results: dict) -> list[dict]:
 
 def markdown(results: dict) -> str:
     columns = ["map", "KL(Q_full‖·)", "reduction", "KL(·‖Q_full)", "pixel_accuracy", "miou",
-               "converged", "max gap", "ms/image"]  # fmt: skip
+               "active", "converged", "max gap", "ms/image"]  # fmt: skip
     text = reporting.markdown_table(table_rows(results), columns)
     c = results.get("cvxpy")
     if c:

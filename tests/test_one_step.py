@@ -91,18 +91,20 @@ def test_variant_constraints():
     mask[1] = np.where(mask[1] == 3, 1, mask[1])  # label 3 absent from image 1
     tags = np.stack([np.isin(np.arange(K), m).astype(np.float32) for m in mask])
     batch = {"tags": tags, "mask": mask}
-    eye = np.broadcast_to(np.eye(K), (b, K, K))
+    rows = np.broadcast_to(np.concatenate([np.eye(K), np.zeros((2, K))]), (b, K + 2, K))
 
     tags_cons = one_step.variant_constraints("tags", batch, num_classes=K, background=0,
                                              tags_fraction=0.07)  # fmt: skip
-    np.testing.assert_array_equal(tags_cons.a, eye)
-    np.testing.assert_allclose(tags_cons.b, np.where(tags > 0, 0.07, 0.0))
+    np.testing.assert_array_equal(tags_cons.a, rows)  # K label rows + 2 inert rows
+    np.testing.assert_allclose(tags_cons.b[:, :K], np.where(tags > 0, 0.07, 0.0))
+    np.testing.assert_array_equal(tags_cons.b[:, K:], 0.0)
     assert np.all(np.isinf(tags_cons.beta)) and np.all(tags_cons.mask)
 
     oracle = one_step.variant_constraints("oracle", batch, num_classes=K, background=0,
                                           oracle_fraction=0.8)  # fmt: skip
     true = np.stack([(m[..., None] == np.arange(K)).mean(axis=(0, 1)) for m in mask])
-    np.testing.assert_allclose(oracle.b, 0.8 * true, rtol=1e-6)
+    np.testing.assert_array_equal(oracle.a, rows)
+    np.testing.assert_allclose(oracle.b[:, :K], 0.8 * true, rtol=1e-6)
     assert oracle.b[1, 3] == 0.0 and np.all(oracle.mask)
 
     ccnn = one_step.variant_constraints("ccnn_tags", batch, num_classes=K, background=0)
