@@ -130,8 +130,9 @@ def _newton_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
     """Projected Newton with Levenberg-Marquardt damping mu and an infinity-norm trust radius.
 
     One evaluation of g, grad g and -Hessian per iteration; the accepted point's evaluation is
-    carried to the next iteration. A rejected trial shrinks the radius to a quarter of its
-    length and doubles mu; an accepted one relaxes both.
+    carried to the next iteration. A rejected trial shrinks the radius to the secant estimate of
+    the best fraction of its length (within [0.1, 0.5]) and doubles mu; an accepted one relaxes
+    both.
     """
     upper = _upper(prob, max_lambda)
     ev0 = dual.evaluate(lam0, prob)
@@ -155,7 +156,12 @@ def _newton_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
         lam = jnp.where(ok, lam_new, st.lam)
         ev = jax.tree.map(lambda n, o: jnp.where(ok, n, o), ev_new, st.ev)
         mu = jnp.where(ok, jnp.maximum(st.step / 4.0, mu_floor(ev_new)), 2.0 * st.step)
-        radius = jnp.where(ok, jnp.maximum(st.radius, 2.0 * step_len), 0.25 * step_len)
+        # Rejected: the next radius comes from the secant maximiser of g along the rejected step,
+        # t* = g'(0) / (g'(0) - g'(1)) with g'(t) the directional derivatives at its two ends.
+        slope0, slope1 = st.ev.grad_C @ (lam_new - st.lam), ev_new.grad_C @ (lam_new - st.lam)
+        t_star = slope0 / jnp.maximum(slope0 - slope1, 1e-30)
+        shrink = jnp.clip(jnp.where(slope1 < 0, t_star, 0.25), 0.1, 0.5)
+        radius = jnp.where(ok, jnp.maximum(st.radius, 2.0 * step_len), shrink * step_len)
         stuck = (step_len == 0.0) | (mu > 1e30)
         done = _finished(lam, ev, prob, upper, tol) | stuck
         return st._replace(it=st.it + 1, lam=lam, ev=ev, step=mu, radius=radius, done=done)
