@@ -87,12 +87,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict, num_classes: int
+    config: ml_collections.ConfigDict, num_classes: int, *, abstract: bool = False
 ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
     """(graphdef, state, tx) for a freshly initialised model (deterministic from config.seed).
 
     Initialisation runs as one jitted program with "rbg" keys: eager threefry initialisation
-    compiles every initializer separately and takes minutes on a small CPU.
+    compiles every initializer separately and takes minutes on a small CPU. ``abstract=True``
+    returns the state's shapes only (``jax.ShapeDtypeStruct`` leaves), e.g. to restore into.
     """
     tx = make_optimizer(config)
 
@@ -111,7 +112,7 @@ def create_train_state(
 
     abstract_model = nnx.eval_shape(lambda: create_model(config, num_classes, 0))
     graphdef = nnx.graphdef(abstract_model)
-    return graphdef, jax.jit(init)(), tx
+    return graphdef, (jax.eval_shape(init) if abstract else jax.jit(init)()), tx
 
 
 def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
@@ -132,6 +133,8 @@ class LossSpec:
     solver_method: str = "newton"
     solver_tol: float = 1e-4
     solver_max_iter: int = 50
+    mil_warmup_steps: int = 0
+    mil_weight: float = 0.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -147,14 +150,26 @@ def loss_spec(config: ml_collections.ConfigDict, meta) -> LossSpec:
         solver_method=s.method,
         solver_tol=float(s.tol),
         solver_max_iter=int(s.max_iter),
+        mil_warmup_steps=int(config.get("mil_warmup_steps", 0)),
+        mil_weight=float(config.get("mil_weight", 0.0)),
     )
 
 
 def compute_loss(
-    logits_BxhxwxK: jax.Array, batch: dict, spec: LossSpec
+    logits_BxhxwxK: jax.Array, batch: dict, spec: LossSpec, step: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The configured method's loss on (possibly coarse) logits; aux has scalars (+ ``p``)."""
     valid = batch["valid"]
+    if spec.method in ("ccnn", "ccnn_size") and (spec.mil_warmup_steps or spec.mil_weight):
+        loss, aux = compute_loss(
+            logits_BxhxwxK, batch, dataclasses.replace(spec, mil_warmup_steps=0, mil_weight=0.0)
+        )
+        mil, _ = losses.mil_loss(logits_BxhxwxK, batch["tags"], valid)
+        aux["ccnn_loss"], aux["mil_loss"] = loss, mil
+        loss = loss + spec.mil_weight * mil
+        if step is not None and spec.mil_warmup_steps:
+            loss = jnp.where(step < spec.mil_warmup_steps, mil, loss)
+        return loss, aux
     if spec.method in ("ccnn", "ccnn_size"):
         return losses.ccnn_loss(
             logits_BxhxwxK,
@@ -185,7 +200,7 @@ def train_step(
         # Fresh variables at this trace level, so BatchNorm may update its running averages.
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, batch_stats))
         logits = model(batch["image"], train=True)
-        loss, aux = compute_loss(logits, batch, spec)
+        loss, aux = compute_loss(logits, batch, spec, state.step)
         return loss, (aux, logits, nnx.state(model, nnx.Not(nnx.Param)))
 
     (loss, (aux, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -350,6 +365,12 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             )
 
 
+def _absolute(workdir: epath.PathLike) -> epath.Path:
+    """orbax needs absolute checkpoint paths; local relative paths are resolved from the cwd."""
+    text = os.fspath(workdir)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def _data_kwargs(config) -> dict:
     return {"data_dir": config.get("data_dir"), "image_size": tuple(config.image_size)}
 
@@ -372,13 +393,13 @@ def train(
     from ccnn_jax.data import pipeline  # registers the builders
 
     _check_config(config)
-    workdir = epath.Path(workdir)
+    workdir = _absolute(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     pipeline.prepare(config.dataset, data_dir=config.get("data_dir"),
                      manual_dir=config.get("manual_dir"))  # fmt: skip
     meta = pipeline.dataset_meta(config.dataset, data_dir=config.get("data_dir"))
     spec = loss_spec(config, meta)
-    graphdef, state, tx = create_train_state(config, meta.num_classes)
+    graphdef, abstract, tx = create_train_state(config, meta.num_classes, abstract=True)
     steps = make_steps(graphdef, tx, spec)
 
     per_process_batch = config.batch_size // jax.process_count()
@@ -391,7 +412,7 @@ def train(
         workdir / "checkpoints", max_to_keep=config.get("max_checkpoints_to_keep", 3)
     )
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=steps.replicated), state
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=steps.replicated), abstract
     )
     restored = ckpt.restore_latest(abstract, data_iter)
     seconds_before = 0.0
@@ -401,6 +422,8 @@ def train(
         resumed_from = int(ckpt_meta["step"])
         seconds_before = float(ckpt_meta.get("seconds", 0.0))
         print(f"Resuming from checkpoint step {resumed_from} in {ckpt.directory}", flush=True)
+    else:
+        state = create_train_state(config, meta.num_classes)[1]
     state = steps.put_state(state)
     start_step = int(jax.device_get(state.step))
     num_steps = int(config.num_steps)
@@ -414,6 +437,7 @@ def train(
     log_every = max(int(config.log_every), 1)
     ckpt_every = int(config.checkpoint_every)
     pending: list[dict] = []
+    saved_seconds = {start_step: seconds_before} if restored is not None else {}
     bar = None
     if progress and is_main and start_step < num_steps:
         from tqdm.auto import tqdm
@@ -440,12 +464,14 @@ def train(
                 seconds = seconds_before + time.time() - t_start
                 ckpt.save(step, state, data_iter, {"step": step, "seconds": seconds},
                           force=step == last_step)  # fmt: skip
+                saved_seconds[step] = seconds
     finally:
         if bar is not None:
             bar.close()
         writer.close()
         ckpt.close()
     seconds = seconds_before + (time.time() - t_start if start_step < last_step else 0.0)
+    seconds = saved_seconds.get(step, seconds)
     return TrainOutput(graphdef, state, steps, spec, meta, seconds, resumed_from)
 
 
@@ -521,7 +547,7 @@ def train_and_evaluate(
     (image | ground truth | prediction | latent P argmax), ``curves.png``, ``metrics.jsonl``,
     ``tensorboard/`` and ``checkpoints/``. Returns the results dict.
     """
-    workdir = epath.Path(workdir)
+    workdir = _absolute(workdir)
     out = train(config, workdir, max_steps_this_run=max_steps_this_run, progress=progress)
     step = int(jax.device_get(out.state.step))
     t0 = time.time()

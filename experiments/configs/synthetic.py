@@ -38,15 +38,15 @@ def get_config(config_string: str = "ccnn") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.width = 16
-    c.model.depth = 3
-    c.model.norm = "batch"
-    c.model.output_stride = 1
+    c.model.depth = 4
+    c.model.norm = "group"
+    c.model.output_stride = 4  # logits (and constraints) on the 16x16 map, as FCN's coarse map
 
-    c.batch_size = 32
+    c.batch_size = 16
     c.eval_batch_size = 50
-    c.num_steps = 150
-    c.learning_rate = 3e-3
-    c.warmup_steps = 10
+    c.num_steps = 400
+    c.learning_rate = 1e-3
+    c.warmup_steps = 20
     c.weight_decay = 1e-4
     c.grad_clip_norm = 1.0
 
@@ -54,9 +54,11 @@ def get_config(config_string: str = "ccnn") -> ml_collections.ConfigDict:
     c.solver.method = "newton"
     c.solver.tol = 1e-4
     c.solver.max_iter = 50
+    c.mil_warmup_steps = 0  # > 0: MIL loss for the first steps, then CCNN
+    c.mil_weight = 0.0  # > 0: CCNN + mil_weight * MIL
 
     c.log_every = 10
-    c.checkpoint_every = 50
+    c.checkpoint_every = 100
     c.max_checkpoints_to_keep = 3
     c.num_grid_images = 8
     c.worker_count = 0
@@ -66,6 +68,7 @@ def get_config(config_string: str = "ccnn") -> ml_collections.ConfigDict:
         c.image_size = (32, 32)
         c.model.width = 4
         c.model.depth = 2
+        c.model.output_stride = 2
         c.batch_size = 8
         c.eval_batch_size = 8
         c.num_steps = 6
