@@ -33,6 +33,7 @@ def ccnn_loss(
     method: str = "newton",
     hardness: float | None = None,
     solver_kwargs: dict[str, Any] | None = None,
+    constraint_kwargs: dict[str, float] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     r"""Constrained CNN loss: cross-entropy from the latent P to the network's Q.
 
@@ -54,6 +55,8 @@ def ccnn_loss(
       method: solver, "newton" or "pga".
       hardness: solver inverse temperature; default 1 (tags) or SIZE_HARDNESS (size hints).
       solver_kwargs: extra keyword arguments for ``solve_batch`` (tol, max_iter, ...).
+      constraint_kwargs: bounds for ``constraints.from_tags`` (fg_lower, bg_lower, bg_upper,
+        ...); default: the original CCNN's VOC values.
 
     Returns:
       (loss, aux) where aux holds the latent ``p`` (B, h, w, K) and the solver statistics over
@@ -73,16 +76,17 @@ def ccnn_loss(
     tags_BxK = tags_BxK.astype(jnp.float32)
     real_B = (valid_B > 0) & jnp.any(tags_BxK > 0, axis=-1)
     safe_tags_BxK = jnp.where(real_B[:, None], tags_BxK, 1.0)
+    ckw = dict(constraint_kwargs or {})
     if size_BxK is None:
-        cons = jax.vmap(lambda t: constraints_lib.from_tags(t, background=background))(
+        cons = jax.vmap(lambda t: constraints_lib.from_tags(t, background=background, **ckw))(
             safe_tags_BxK
         )
         hardness = 1.0 if hardness is None else hardness
     else:
         safe_size_BxK = jnp.where(real_B[:, None], size_BxK.astype(jnp.float32), 0.0)
-        cons = jax.vmap(lambda t, s: constraints_lib.from_tags(t, background=background, size=s))(
-            safe_tags_BxK, safe_size_BxK
-        )
+        cons = jax.vmap(
+            lambda t, s: constraints_lib.from_tags(t, background=background, size=s, **ckw)
+        )(safe_tags_BxK, safe_size_BxK)
         hardness = constraints_lib.SIZE_HARDNESS if hardness is None else hardness
     sol = solvers.solve_batch(
         jax.lax.stop_gradient(log_q), cons, method=method, hardness=hardness,

@@ -135,6 +135,7 @@ class LossSpec:
     solver_max_iter: int = 50
     mil_warmup_steps: int = 0
     mil_weight: float = 0.0
+    constraints: tuple[tuple[str, float], ...] = ()  # from_tags bounds, as sorted items
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -152,6 +153,7 @@ def loss_spec(config: ml_collections.ConfigDict, meta) -> LossSpec:
         solver_max_iter=int(s.max_iter),
         mil_warmup_steps=int(config.get("mil_warmup_steps", 0)),
         mil_weight=float(config.get("mil_weight", 0.0)),
+        constraints=tuple(sorted((k, float(v)) for k, v in config.get("constraints", {}).items())),
     )
 
 
@@ -179,6 +181,7 @@ def compute_loss(
             background=spec.background,
             method=spec.solver_method,
             solver_kwargs={"tol": spec.solver_tol, "max_iter": spec.solver_max_iter},
+            constraint_kwargs=dict(spec.constraints),
         )
     if spec.method == "mil":
         return losses.mil_loss(logits_BxhxwxK, batch["tags"], valid)

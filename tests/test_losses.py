@@ -107,3 +107,13 @@ def test_shape_errors():
         losses.supervised_loss(_logits(), jnp.zeros((3, 3, 5), jnp.int32), jnp.ones(3))
     with pytest.raises(ValueError, match="tags_BxK"):
         losses.mil_loss(_logits(), jnp.ones((2, K)), jnp.ones(3))
+
+
+def test_ccnn_constraint_bounds_reach_the_solver():
+    logits = jnp.zeros((1, 6, 5, K)).at[..., 0].set(6.0)  # Q says background almost everywhere
+    tags = jnp.array([[1.0, 1.0, 0.0, 0.0]])
+    _, aux = losses.ccnn_loss(logits, tags, jnp.ones(1))
+    assert np.asarray(aux["p"])[..., 0].mean() == pytest.approx(0.7, abs=1e-3)  # VOC default
+    _, aux = losses.ccnn_loss(logits, tags, jnp.ones(1),
+                              constraint_kwargs={"bg_upper": 0.9, "fg_lower": 0.02})
+    assert np.asarray(aux["p"])[..., 0].mean() == pytest.approx(0.9, abs=1e-3)
