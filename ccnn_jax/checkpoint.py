@@ -66,9 +66,11 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def restore_latest(
-        self, abstract_state: Any, data_iterator: Any
+        self, abstract_state: Any, data_iterator: Any | None
     ) -> tuple[Any, dict] | None:
         """Restores the newest readable checkpoint into ``data_iterator``; None if there is none.
+
+        ``data_iterator=None`` restores the state and meta only (e.g. to warm-start another run).
 
         Returns ``(state, meta)``. Unreadable checkpoints are logged as errors and moved aside;
         if every checkpoint is unreadable a :class:`CheckpointError` names the directory.
@@ -79,14 +81,13 @@ class Checkpointer:
         failures = []
         for step in reversed(steps):
             try:
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=grain.checkpoint.CheckpointRestore(data_iterator),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
+                items = {
+                    "state": ocp.args.StandardRestore(abstract_state),
+                    "meta": ocp.args.JsonRestore(),
+                }
+                if data_iterator is not None:
+                    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+                restored = self._manager.restore(step, args=ocp.args.Composite(**items))
                 meta = dict(restored["meta"])
                 if int(meta.get("step", -1)) != step:
                     raise ValueError(f"meta step {meta.get('step')} != directory step {step}")

@@ -407,7 +407,8 @@ def train(
 
     per_process_batch = config.batch_size // jax.process_count()
     loader = pipeline.make_loader(
-        config.dataset, "train", batch_size=per_process_batch, train=True, seed=config.seed,
+        config.dataset, config.get("train_split", "train"), batch_size=per_process_batch,
+        train=True, seed=config.seed,
         worker_count=config.get("worker_count", 0), **_data_kwargs(config),
     )  # fmt: skip
     data_iter = iter(loader)
@@ -427,6 +428,8 @@ def train(
         print(f"Resuming from checkpoint step {resumed_from} in {ckpt.directory}", flush=True)
     else:
         state = create_train_state(config, meta.num_classes)[1]
+        if config.get("init_from"):
+            state = warm_start(state, abstract, config.init_from)
     state = steps.put_state(state)
     start_step = int(jax.device_get(state.step))
     num_steps = int(config.num_steps)
@@ -476,6 +479,34 @@ def train(
     seconds = seconds_before + (time.time() - t_start if start_step < last_step else 0.0)
     seconds = saved_seconds.get(step, seconds)
     return TrainOutput(graphdef, state, steps, spec, meta, seconds, resumed_from)
+
+
+def warm_start(state: TrainState, abstract: TrainState, init_from: epath.PathLike) -> TrainState:
+    """``state`` with the model variables (params, batch_stats) of the newest checkpoint of the
+    run in ``init_from`` (a workdir); step, optimizer state and RNG stay fresh.
+
+    The fine-tuning analogue of the original CCNN starting from a pretrained network. The source
+    run must use the same model config (same variable shapes) and optimizer structure.
+    """
+    source = _absolute(init_from)
+    ckpt = checkpoint_lib.Checkpointer(source / "checkpoints")
+    try:
+        restored = ckpt.restore_latest(abstract, None)
+    except ValueError as e:
+        raise ValueError(
+            f"config.init_from: the checkpoint in {source} does not match this run's model "
+            f"(same model and optimizer config expected): {e}"
+        ) from e
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(
+            f"config.init_from: no checkpoint under {source / 'checkpoints'} (expected the "
+            "workdir of a finished or interrupted training run)"
+        )
+    source_state, source_meta = restored
+    print(f"Warm start from {source} (step {source_meta['step']})", flush=True)
+    return state.replace(params=source_state.params, batch_stats=source_state.batch_stats)
 
 
 def _summarize_train(rows: list[dict], seconds: float) -> dict[str, float]:

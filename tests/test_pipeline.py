@@ -87,6 +87,21 @@ def test_eval_at_native_size_reproduces_stored_examples_and_pads(data_dir):
     assert not tags[16:].any() and not images[16:].any()
 
 
+def test_split_slice_reads_only_that_subset(data_dir):
+    """A TFDS slice (e.g. a labelled subset "train[:10%]") reads the first records only."""
+    source = tfds.data_source(NAME, split="validation", data_dir=data_dir)
+    batches = list(_loader(data_dir, "validation[:6]", train=False, batch_size=4))
+    valid = np.concatenate([b["valid"] for b in batches])
+    np.testing.assert_array_equal(valid, [1.0] * 6 + [0.0] * 2)
+    masks = np.concatenate([b["mask"] for b in batches])
+    for i in range(6):
+        np.testing.assert_array_equal(
+            masks[i], source[i]["segmentation_mask"][..., 0].astype(np.int32)
+        )
+    with pytest.raises(ValueError, match="split: 'test\\[:6\\]' is not a split"):
+        _loader(data_dir, "test[:6]")
+
+
 def test_sample_geometry_keeps_void():
     rng = np.random.default_rng(0)
     mask = rng.integers(0, K, (6, 8)).astype(np.uint8)

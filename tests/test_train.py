@@ -205,3 +205,49 @@ def test_bad_config_is_reported():
         train.train(config, "/nonexistent-never-created")
     with pytest.raises(ValueError, match="method"):
         _get_config("semi")
+
+
+def test_warm_start_takes_the_source_model_with_a_fresh_optimizer(data_dir, tmp_path, capsys):
+    source_config = _get_config("full,tiny")
+    source_config.data_dir = data_dir
+    source_config.num_steps = 3
+    source = train.train(source_config, tmp_path / "source", progress=False)
+
+    config = _get_config("ccnn,tiny")
+    config.data_dir = data_dir
+    config.num_steps = 1
+    config.init_from = str(tmp_path / "source")
+    capsys.readouterr()
+    graphdef, fresh, _ = train.create_train_state(config, 9)
+    abstract = jax.eval_shape(lambda: fresh)
+    warm = train.warm_start(fresh, abstract, config.init_from)
+    assert "Warm start" in capsys.readouterr().out
+    for x, y in zip(jax.tree.leaves(warm.params), _params(source), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), y)
+    assert int(warm.step) == 0
+    for x, y in zip(jax.tree.leaves(warm.opt_state), jax.tree.leaves(fresh.opt_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # a run with init_from trains from the source weights: one step away from them, not from init
+    out = train.train(config, tmp_path / "warm", progress=False)
+    moved = [np.abs(np.asarray(x) - y).max()
+             for x, y in zip(jax.tree.leaves(jax.device_get(out.state.params)), _params(source))]
+    assert 0 < max(moved) < 0.1  # one lr-1e-3 Adam step (per-parameter update <= lr * ~1)
+
+    config.init_from = str(tmp_path / "no-such-run")
+    with pytest.raises(FileNotFoundError, match="no-such-run"):
+        train.train(config, tmp_path / "warm2", progress=False)
+
+
+@pytest.mark.parametrize("name", ["synthetic", "voc", "camvid"])
+def test_dataset_configs_share_the_base_fields(name):
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_config", ROOT / "experiments" / "configs" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for method in ("ccnn", "ccnn_size", "mil", "full"):
+        c = module.get_config(method)
+        assert c.method == method and c.init_from is None
+        assert 0 < c.constraints.bg_lower < c.constraints.bg_upper < 1
+    with pytest.raises(ValueError, match="unknown options"):
+        module.get_config("ccnn,bogus")

@@ -257,7 +257,7 @@ def make_loader(
 
     Args:
       name: TFDS name, e.g. ``"ccnn_synthetic/default"``; must be prepared (see :func:`prepare`).
-      split: e.g. ``"train"``, ``"validation"``.
+      split: e.g. ``"train"``, ``"validation"``, or a TFDS slice such as ``"train[:10%]"``.
       batch_size: B (per JAX process).
       image_size: output (H, W).
       train: random augmentation, shuffling, drop the last partial batch; otherwise fit-resize,
@@ -278,7 +278,7 @@ def make_loader(
         raise ValueError(f"image_size: expected (H, W) with H, W >= 1, got {image_size}")
     builder = _builder(name, data_dir)
     meta = _meta_from_info(name, builder.info)
-    if split not in builder.info.splits:
+    if split.split("[", 1)[0] not in builder.info.splits:
         raise ValueError(
             f"split: {split!r} is not a split of {name!r} in {builder.data_dir} "
             f"(available: {sorted(builder.info.splits.keys()) or 'none: not prepared'})"

@@ -18,49 +18,25 @@ pixel accuracy; the ``full`` variant is the comparable run.
 
 import ml_collections
 
-METHODS = ("ccnn", "ccnn_size", "mil", "full")
+from ccnn_jax import configs
+
+METHODS = configs.METHODS
 
 
 def get_config(config_string: str = "ccnn") -> ml_collections.ConfigDict:
-    parts = [p.strip() for p in (config_string or "ccnn").split(",") if p.strip()]
-    method = parts[0] if parts else "ccnn"
-    if method not in METHODS:
-        raise ValueError(f"config string: method must be one of {METHODS}, got {method!r}")
-    unknown = set(parts[1:]) - {"fastai"}
-    if unknown:
-        raise ValueError(f"config string: unknown options {sorted(unknown)} (known: fastai)")
-    c = ml_collections.ConfigDict()
-    c.method = method
-    c.dataset = "camvid/fastai" if "fastai" in parts else "camvid/segnet"
-    c.data_dir = ml_collections.config_dict.placeholder(str)
-    c.manual_dir = ml_collections.config_dict.placeholder(str)
+    method, options = configs.parse(config_string, ("fastai",))
+    c = configs.base(method, "camvid/fastai" if "fastai" in options else "camvid/segnet")
     c.image_size = (352, 480)
-    c.seed = 0
-
-    c.model = ml_collections.ConfigDict()
     c.model.width = 32
     c.model.depth = 4
     c.model.norm = "batch"
     c.model.output_stride = 1
-
     c.batch_size = 8
     c.eval_batch_size = 8
     c.num_steps = 20_000
-    c.learning_rate = 1e-3
     c.warmup_steps = 500
-    c.weight_decay = 1e-4
-    c.grad_clip_norm = 1.0
-
-    c.solver = ml_collections.ConfigDict()
-    c.solver.method = "newton"
-    c.solver.tol = 1e-4
-    c.solver.max_iter = 50
-    c.mil_warmup_steps = 0
-    c.mil_weight = 0.0
-
     c.log_every = 50
     c.checkpoint_every = 1000
-    c.max_checkpoints_to_keep = 3
     c.num_grid_images = 6
     c.worker_count = 4
     return c

@@ -20,49 +20,26 @@ full > ccnn_size > ccnn > mil is what the method predicts. Outputs as for the sy
 
 import ml_collections
 
-METHODS = ("ccnn", "ccnn_size", "mil", "full")
+from ccnn_jax import configs
+
+METHODS = configs.METHODS
 
 
 def get_config(config_string: str = "ccnn") -> ml_collections.ConfigDict:
-    parts = [p.strip() for p in (config_string or "ccnn").split(",") if p.strip()]
-    method = parts[0] if parts else "ccnn"
-    if method not in METHODS:
-        raise ValueError(f"config string: method must be one of {METHODS}, got {method!r}")
-    unknown = set(parts[1:]) - {"sbd"}
-    if unknown:
-        raise ValueError(f"config string: unknown options {sorted(unknown)} (known: sbd)")
-    c = ml_collections.ConfigDict()
-    c.method = method
-    c.dataset = "voc_segmentation/sbd_augmented" if "sbd" in parts else "voc_segmentation"
-    c.data_dir = ml_collections.config_dict.placeholder(str)
-    c.manual_dir = ml_collections.config_dict.placeholder(str)
+    method, options = configs.parse(config_string, ("sbd",))
+    c = configs.base(
+        method, "voc_segmentation/sbd_augmented" if "sbd" in options else "voc_segmentation"
+    )
     c.image_size = (320, 320)
-    c.seed = 0
-
-    c.model = ml_collections.ConfigDict()
     c.model.width = 64
     c.model.depth = 5
     c.model.norm = "batch"
     c.model.output_stride = 8  # constraints on the coarse map, as the FCN-based original
-
     c.batch_size = 32
     c.eval_batch_size = 32
     c.num_steps = 30_000
-    c.learning_rate = 1e-3
     c.warmup_steps = 1000
-    c.weight_decay = 1e-4
-    c.grad_clip_norm = 1.0
-
-    c.solver = ml_collections.ConfigDict()
-    c.solver.method = "newton"
-    c.solver.tol = 1e-4
-    c.solver.max_iter = 50
-    c.mil_warmup_steps = 0
-    c.mil_weight = 0.0
-
     c.log_every = 100
     c.checkpoint_every = 2000
-    c.max_checkpoints_to_keep = 3
-    c.num_grid_images = 8
     c.worker_count = 8
     return c

@@ -1,0 +1,80 @@
+"""Shared training-config skeleton for ``experiments/configs/*.py`` (ml_collections).
+
+Each dataset config calls :func:`parse` on its config string (``"<method>[,option...]"``) and
+:func:`base`, then sets its dataset, image size, model and schedule. One place for the fields
+every run has, so the dataset configs hold only what differs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("ccnn", "ccnn_size", "mil", "full")
+
+
+def parse(config_string: str | None, options: tuple[str, ...]) -> tuple[str, set[str]]:
+    """``"mil,tiny"`` -> ("mil", {"tiny"}); unknown methods or options raise ValueError."""
+    parts = [p.strip() for p in (config_string or "ccnn").split(",") if p.strip()]
+    method = parts[0] if parts else "ccnn"
+    if method not in METHODS:
+        raise ValueError(f"config string: method must be one of {METHODS}, got {method!r}")
+    unknown = set(parts[1:]) - set(options)
+    if unknown:
+        raise ValueError(
+            f"config string: unknown options {sorted(unknown)} (known: {', '.join(options)})"
+        )
+    return method, set(parts[1:])
+
+
+def base(method: str, dataset: str) -> ml_collections.ConfigDict:
+    """Every field a training run reads, with defaults; the dataset config overrides them.
+
+    Constraint bounds default to the original CCNN's VOC values (background in [0.3, 0.7],
+    each present label >= 5%; with size hints: large labels >= 10%, background in [0.2, 0.7]).
+    """
+    c = ml_collections.ConfigDict()
+    c.method = method
+    c.dataset = dataset
+    c.data_dir = ml_collections.config_dict.placeholder(str)
+    c.manual_dir = ml_collections.config_dict.placeholder(str)
+    c.train_split = "train"  # or a TFDS slice, e.g. "train[:10%]" (a labelled subset)
+    c.image_size = (64, 64)
+    c.seed = 0
+    # Workdir of another run to start from (its newest checkpoint's model variables; fresh
+    # optimizer and step), as the original CCNN started from a pretrained network.
+    c.init_from = ml_collections.config_dict.placeholder(str)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.width = 16
+    c.model.depth = 4
+    c.model.norm = "group"
+    c.model.output_stride = 1
+
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.num_steps = 1000
+    c.learning_rate = 1e-3
+    c.warmup_steps = 20
+    c.weight_decay = 1e-4
+    c.grad_clip_norm = 1.0
+
+    c.solver = ml_collections.ConfigDict()
+    c.solver.method = "newton"
+    c.solver.tol = 1e-4
+    c.solver.max_iter = 50
+    c.constraints = ml_collections.ConfigDict()
+    c.constraints.fg_lower = 0.05
+    c.constraints.bg_lower = 0.3
+    c.constraints.bg_upper = 0.7
+    c.constraints.size_fg_lower = 0.1
+    c.constraints.size_bg_lower = 0.2
+    c.constraints.size_bg_upper = 0.7
+    c.mil_warmup_steps = 0  # > 0: MIL loss for the first steps, then CCNN
+    c.mil_weight = 0.0  # > 0: CCNN + mil_weight * MIL
+
+    c.log_every = 10
+    c.checkpoint_every = 100
+    c.max_checkpoints_to_keep = 3
+    c.num_grid_images = 8
+    c.worker_count = 0
+    return c
