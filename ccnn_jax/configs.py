@@ -62,6 +62,9 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.solver.method = "newton"
     c.solver.tol = 1e-4
     c.solver.max_iter = 50
+    # Inverse temperature s of the latent P ~ Q^s exp(s A^T lam); None: 1 for tags, 1000
+    # (the original's value) with size hints. Large s gives a near one-hot P.
+    c.hardness = ml_collections.config_dict.placeholder(float)
     c.constraints = ml_collections.ConfigDict()
     c.constraints.fg_lower = 0.05
     c.constraints.bg_lower = 0.3

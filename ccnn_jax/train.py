@@ -136,6 +136,7 @@ class LossSpec:
     mil_warmup_steps: int = 0
     mil_weight: float = 0.0
     constraints: tuple[tuple[str, float], ...] = ()  # from_tags bounds, as sorted items
+    hardness: float | None = None  # solver inverse temperature; None: 1 (tags), 1000 (sizes)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -154,6 +155,7 @@ def loss_spec(config: ml_collections.ConfigDict, meta) -> LossSpec:
         mil_warmup_steps=int(config.get("mil_warmup_steps", 0)),
         mil_weight=float(config.get("mil_weight", 0.0)),
         constraints=tuple(sorted((k, float(v)) for k, v in config.get("constraints", {}).items())),
+        hardness=None if config.get("hardness") is None else float(config.hardness),
     )
 
 
@@ -180,6 +182,7 @@ def compute_loss(
             size_BxK=batch["size"] if spec.method == "ccnn_size" else None,
             background=spec.background,
             method=spec.solver_method,
+            hardness=spec.hardness,
             solver_kwargs={"tol": spec.solver_tol, "max_iter": spec.solver_max_iter},
             constraint_kwargs=dict(spec.constraints),
         )

@@ -251,3 +251,17 @@ def test_dataset_configs_share_the_base_fields(name):
         assert 0 < c.constraints.bg_lower < c.constraints.bg_upper < 1
     with pytest.raises(ValueError, match="unknown options"):
         module.get_config("ccnn,bogus")
+
+
+def test_config_hardness_reaches_the_latent_distribution():
+    """config.hardness = 1000 gives a near one-hot P (hard latent labels); None gives s = 1."""
+    config = _get_config("ccnn,tiny")
+    logits = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+    batch = {k: jax.numpy.asarray(v) for k, v in _batch(4, 16).items()}
+    soft = train.compute_loss(logits, batch, train.loss_spec(config, _Meta))[1]["p"]
+    config.hardness = 1000.0
+    spec = train.loss_spec(config, _Meta)
+    assert spec.hardness == 1000.0
+    hard = train.compute_loss(logits, batch, spec)[1]["p"]
+    assert float(np.mean(np.max(np.asarray(hard), axis=-1))) > 0.99
+    assert float(np.mean(np.max(np.asarray(soft), axis=-1))) < 0.9

@@ -10,13 +10,22 @@ Command (the main job; prepares the dataset the first time, ~25 s)::
 
 Variants (the config string after ``:``): ``ccnn`` (tags, default), ``ccnn_size`` (tags + 1-bit
 size hints), ``mil`` (MIL-FCN baseline), ``full`` (pixel supervision, the upper bound);
-append ``,tiny`` to use the ``ccnn_synthetic/tiny`` dataset with a tiny net (tests, smoke runs).
+append ``,tiny`` to use the ``ccnn_synthetic/tiny`` dataset with a tiny net (tests, smoke runs),
+or ``,gpu`` for one accelerator (width 32, batch 64, 4000 steps; not run by us).
+
+Warm start (the original started from a pretrained network): train ``full`` on a labelled
+slice, then tags from its weights::
+
+    python experiments/train.py --config experiments/configs/synthetic.py:full \
+        --workdir runs/src10 --config.train_split='train[:10%]'
+    python experiments/train.py --workdir runs/warm_ccnn --config.init_from=runs/src10
 
 Expected on a shared 2-core CPU (measured; 400 steps of batch 16, about 3 min of training):
 the main job takes 3 min 45 s wall including dataset preparation and reports val mIoU 0.093;
-``full`` reaches 0.168 (0.335 after 1500 steps), while ``ccnn``, ``ccnn_size`` and ``mil``
-collapse to background everywhere (0.091-0.093; ``ccnn`` still 0.093 after 1500 steps). Rerunning
-a finished workdir resumes and re-evaluates in about 20 s. See the README's training section.
+``full`` reaches 0.167 (0.335 after 1500 steps), while ``ccnn``, ``ccnn_size`` and ``mil``
+collapse to background everywhere (0.091-0.093). From the warm start (0.158), ``ccnn`` and
+``mil`` collapse too and ``ccnn_size`` holds 0.158. Rerunning a finished workdir resumes and
+re-evaluates in about 20 s. See the README's training section for the table and the diagnosis.
 """
 
 import ml_collections
