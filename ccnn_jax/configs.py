@@ -67,6 +67,7 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.hardness = ml_collections.config_dict.placeholder(float)
     c.constraints = ml_collections.ConfigDict()
     c.constraints.fg_lower = 0.05
+    c.constraints.fg_slack = 2.0  # penalty on the lower bound's slack; inf makes it hard
     c.constraints.bg_lower = 0.3
     c.constraints.bg_upper = 0.7
     c.constraints.size_fg_lower = 0.1
