@@ -66,11 +66,12 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def restore_latest(
-        self, abstract_state: Any, data_iterator: Any | None
+        self, abstract_state: Any, data_iterator: Any | None, *, read_only: bool = False
     ) -> tuple[Any, dict] | None:
         """Restores the newest readable checkpoint into ``data_iterator``; None if there is none.
 
-        ``data_iterator=None`` restores the state and meta only (e.g. to warm-start another run).
+        ``data_iterator=None`` restores the state and meta only (e.g. to warm-start another run);
+        ``read_only=True`` never moves unreadable checkpoints aside (another run's directory).
 
         Returns ``(state, meta)``. Unreadable checkpoints are logged as errors and moved aside;
         if every checkpoint is unreadable a :class:`CheckpointError` names the directory.
@@ -97,7 +98,7 @@ class Checkpointer:
                 print(f"WARNING: {msg}; trying the previous checkpoint", flush=True)
                 failures.append(step)
                 continue
-            if failures:
+            if failures and not read_only:
                 self._move_aside(failures)
                 print(f"Resumed from the previous checkpoint, step {step}.", flush=True)
             return restored["state"], meta

@@ -34,10 +34,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ccnn_jax import checkpoint as checkpoint_lib
-from ccnn_jax import losses, metrics, reporting
+from ccnn_jax import configs, losses, metrics, reporting
 from ccnn_jax.models import UNet, upsample_logits
 
-METHODS = ("ccnn", "ccnn_size", "mil", "full")
+METHODS = configs.METHODS
 
 
 # ----------------------------------------------------------------------------- state
@@ -494,8 +494,8 @@ def warm_start(state: TrainState, abstract: TrainState, init_from: epath.PathLik
     source = _absolute(init_from)
     ckpt = checkpoint_lib.Checkpointer(source / "checkpoints")
     try:
-        restored = ckpt.restore_latest(abstract, None)
-    except ValueError as e:
+        restored = ckpt.restore_latest(abstract, None, read_only=True)
+    except checkpoint_lib.CheckpointError as e:
         raise ValueError(
             f"config.init_from: the checkpoint in {source} does not match this run's model "
             f"(same model and optimizer config expected): {e}"

@@ -218,7 +218,7 @@ def test_warm_start_takes_the_source_model_with_a_fresh_optimizer(data_dir, tmp_
     config.num_steps = 1
     config.init_from = str(tmp_path / "source")
     capsys.readouterr()
-    graphdef, fresh, _ = train.create_train_state(config, 9)
+    _, fresh, _ = train.create_train_state(config, 9)
     abstract = jax.eval_shape(lambda: fresh)
     warm = train.warm_start(fresh, abstract, config.init_from)
     assert "Warm start" in capsys.readouterr().out
@@ -232,6 +232,14 @@ def test_warm_start_takes_the_source_model_with_a_fresh_optimizer(data_dir, tmp_
     moved = [np.abs(np.asarray(x) - y).max()
              for x, y in zip(jax.tree.leaves(jax.device_get(out.state.params)), _params(source))]
     assert 0 < max(moved) < 0.1  # one lr-1e-3 Adam step (per-parameter update <= lr * ~1)
+
+    # a source with another model is reported by name and its checkpoints stay where they are
+    config.model.width = 8
+    with pytest.raises(ValueError, match="config.init_from: the checkpoint"):
+        train.train(config, tmp_path / "warm_wide", progress=False)
+    assert (tmp_path / "source" / "checkpoints" / "3").exists()
+    assert not (tmp_path / "source" / "corrupt_checkpoints").exists()
+    config.model.width = source_config.model.width
 
     config.init_from = str(tmp_path / "no-such-run")
     with pytest.raises(FileNotFoundError, match="no-such-run"):
