@@ -48,6 +48,11 @@ Array = jax.Array
 #: Finite floor for scores, so that -inf log-probabilities (q = 0) stay NaN-free.
 LOG_FLOOR = -1e15
 
+#: Largest spread of the label shifts s (A^T lambda)_l (over allowed labels) at which the
+#: factorised latent is exact: a factor exp(s f_il - m_i) that underflowed (< e^-87) then
+#: stays below e^-27 of the pixel's largest term, and the normaliser stays above e^-60.
+FACTOR_SPAN = 60.0
+
 
 class Problem(NamedTuple):
     """One image's problem in flat form (internal): pixels flattened to N."""
@@ -60,6 +65,10 @@ class Problem(NamedTuple):
     mask_K: Array
     w_CxN: Array | None
     hardness: Array
+    # Factorised form (no weights only): exp(s f_il - m_i) (0 on masked labels) and m_i, the
+    # largest allowed s f_il, so that P(lambda) needs no exponential over N x K.
+    e0_NxK: Array | None = None
+    m_N: Array | None = None
 
 
 class DualEval(NamedTuple):
@@ -81,21 +90,37 @@ class Certificate(NamedTuple):
     max_violation: Array
 
 
-def make_problem(log_q: Array, cons: LinearConstraints, hardness=1.0) -> Problem:
-    """Flattens ``log_q`` (*pixels, K) and ``cons.weights`` (C, *pixels) to N pixels."""
+def make_problem(log_q: Array, cons: LinearConstraints, hardness=1.0,
+                 factorise: bool = False) -> Problem:
+    """Flattens ``log_q`` (*pixels, K) and ``cons.weights`` (C, *pixels) to N pixels.
+
+    ``factorise`` (no weights only) also stores exp(s f_il - m_i), with which :func:`_latent`
+    skips the N x K exponential whenever the label shifts span at most :data:`FACTOR_SPAN`. It
+    branches with ``lax.cond``, so it pays off only where that is not vmapped (under ``vmap``
+    both branches run).
+    """
     k = log_q.shape[-1]
     s = jnp.asarray(hardness, jnp.float32)
     f = jnp.maximum(log_q.reshape(-1, k).astype(jnp.float32), LOG_FLOOR)
     w = None if cons.weights is None else cons.weights.reshape(cons.a.shape[0], -1)
+    mask = cons.mask.astype(bool)
+    e0 = m = None
+    if factorise and w is None:
+        z0 = jnp.where(mask, s * f, -jnp.inf)
+        m = jnp.max(z0, axis=-1)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        e0 = jnp.exp(z0 - m[:, None])
     return Problem(
         f_NxK=f,
         lse0_N=jax.nn.logsumexp(s * f, axis=-1),
         a_CxK=cons.a.astype(jnp.float32),
         b_C=cons.b.astype(jnp.float32),
         beta_C=cons.beta.astype(jnp.float32),
-        mask_K=cons.mask.astype(bool),
+        mask_K=mask,
         w_CxN=None if w is None else w.astype(jnp.float32),
         hardness=s,
+        e0_NxK=e0,
+        m_N=m,
     )
 
 
@@ -109,6 +134,25 @@ def _shift(lam_C: Array, prob: Problem) -> Array:
 def _latent(lam_C: Array, prob: Problem) -> tuple[Array, Array]:
     """P (N, K) and lse_mask(s (f + A^T lam)) (N,). P is normalised by the sum of the
     exponentials, not by exp(-lse), so it sums to 1 to float32 precision at any scale."""
+    if prob.e0_NxK is None:
+        return _latent_exact(lam_C, prob)
+    shift_K = prob.hardness * _shift(lam_C, prob)
+    top = jnp.max(jnp.where(prob.mask_K, shift_K, -jnp.inf))
+    span = top - jnp.min(jnp.where(prob.mask_K, shift_K, jnp.inf))
+    return jax.lax.cond(span <= FACTOR_SPAN, _latent_factorised, _latent_exact, lam_C, prob)
+
+
+def _latent_factorised(lam_C: Array, prob: Problem) -> tuple[Array, Array]:
+    """As :func:`_latent`, as exp(s f_il - m_i) * exp(s shift_l - max shift): K exponentials."""
+    shift_K = prob.hardness * _shift(lam_C, prob)
+    top = jnp.max(jnp.where(prob.mask_K, shift_K, -jnp.inf))
+    e = prob.e0_NxK * jnp.where(prob.mask_K, jnp.exp(shift_K - top), 0.0)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    return e / total, prob.m_N + top + jnp.log(total[:, 0])
+
+
+def _latent_exact(lam_C: Array, prob: Problem) -> tuple[Array, Array]:
+    """As :func:`_latent`, with one exponential per pixel and label (any shifts, any weights)."""
     z = prob.hardness * (prob.f_NxK + _shift(lam_C, prob))
     z = jnp.where(prob.mask_K, z, -jnp.inf)
     top = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))

@@ -45,6 +45,8 @@ from ccnn_jax import constraints, reference, solve_batch
 flags.DEFINE_list("sizes", ["40", "64", "128"], "Image side lengths H = W (N = side^2).")
 flags.DEFINE_list("batches", ["1", "32"], "Batch sizes; the largest is the number of problems.")
 flags.DEFINE_list("methods", ["newton", "pga"], "Solver methods to time.")
+flags.DEFINE_list("modes", ["sequential", "vmap"], "solve_batch modes to time: 'sequential' "
+                  "(lax.map, the CPU default) and/or 'vmap' (the accelerator default).")
 flags.DEFINE_integer("num_classes", 21, "K for the tag-constraint problems (VOC: 21).")
 flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (the median is reported).")
 flags.DEFINE_integer("seed", 0, "Seed of the random problems.")
@@ -64,8 +66,8 @@ flags.DEFINE_string("out", None, "If set, writes <out>.json and <out>.md.")
 QUICK = dict(sizes=[8], batches=[1], repeats=2, cvxpy_max_n=64, cvxpy_images=1,
              scipy_images=1, seed_side=8, seed_images=1, ref_budget_s=20.0)
 
-MAIN_COLUMNS = ["N (HxW)", "batch", "method", "ms/image", "passes", "iters mean", "iters max",
-                "worst gap", "worst viol", "converged", "active", "compile s"]
+MAIN_COLUMNS = ["N (HxW)", "batch", "method", "mode", "ms/image", "passes", "iters mean",
+                "iters max", "worst gap", "worst viol", "converged", "active", "compile s"]
 REF_COLUMNS = ["problem", "N", "reference", "images", "ref ms/image", "newton ms/image",
                "ref/newton", "pga ms/image", "ref/pga", "max|P_newton-P_ref|"]
 
@@ -142,17 +144,29 @@ def median_ms(fn: Callable[[], object], repeats: int, min_ms: float = 5.0) -> fl
     return float(np.median(times))
 
 
+MODES = {"sequential": True, "vmap": False}
+"""``solve_batch(sequential=...)``: one image after the other, or all in lockstep."""
+
+
+def default_mode() -> str:
+    """The mode ``solve_batch`` picks by default on this backend."""
+    return "sequential" if jax.default_backend() == "cpu" else "vmap"
+
+
 @functools.cache
-def jitted_solver(method: str):
+def jitted_solver(method: str, mode: str | None = None):
     """``solve_batch`` under an outer jit, so the eager input checks are not timed."""
-    return jax.jit(functools.partial(solve_batch, method=method))
+    return jax.jit(functools.partial(solve_batch, method=method,
+                                     sequential=MODES[mode or default_mode()]))
 
 
 _log_softmax = jax.jit(jax.nn.log_softmax)
 
 
-def bench_batches(log_q, cons, batches: Sequence[int], methods: Sequence[str], repeats: int):
-    """Times every (batch, method) on all images; returns rows and per-image batch-1 data."""
+def bench_batches(log_q, cons, batches: Sequence[int], methods: Sequence[str], repeats: int,
+                  modes: Sequence[str] = ("sequential", "vmap")):
+    """Times every (batch, method, mode) on all images; returns rows and per-image batch-1 data
+    (of the backend's default mode)."""
     total = log_q.shape[0]
     log_q = jnp.asarray(log_q)
     rows, per_image = [], {}
@@ -160,8 +174,8 @@ def bench_batches(log_q, cons, batches: Sequence[int], methods: Sequence[str], r
         chunks = [(i, i + b) for i in range(0, total - b + 1, b)]
         inputs = [(log_q[i:j], take(cons, i, j)) for i, j in chunks]
         softmax_ms = sum(median_ms(lambda x=x: _log_softmax(x), repeats) for x, _ in inputs)
-        for method in methods:
-            solver = jitted_solver(method)
+        for method, mode in [(m, o) for m in methods for o in modes]:
+            solver = jitted_solver(method, mode)
             t0 = time.perf_counter()
             jax.block_until_ready(solver(*inputs[0]))
             compile_s = time.perf_counter() - t0
@@ -172,7 +186,7 @@ def bench_batches(log_q, cons, batches: Sequence[int], methods: Sequence[str], r
             lam = np.concatenate([np.asarray(s.lam) for s in sols])
             n_img = len(chunks) * b
             rows.append({
-                "batch": b, "method": method,
+                "batch": b, "method": method, "mode": mode,
                 "ms_per_image": sum(times) / n_img,
                 "passes": sum(times) / softmax_ms,
                 "softmax_ms_per_image": softmax_ms / n_img,
@@ -186,7 +200,7 @@ def bench_batches(log_q, cons, batches: Sequence[int], methods: Sequence[str], r
                 "images": n_img,
                 "compile_s": compile_s,
             })
-            if b == 1:
+            if b == 1 and mode == default_mode():
                 per_image[method] = {
                     "ms": np.asarray(times),
                     "p": [np.asarray(s.p[0]).reshape(-1, log_q.shape[-1]) for s in sols],
@@ -236,10 +250,15 @@ def scipy_p(log_q, cons, hardness=1.0):
 
 
 def run(sizes: Sequence[int], batches: Sequence[int], methods: Sequence[str], *,
-        num_classes=21, repeats=5, seed=0, cvxpy_max_n=1600, cvxpy_images=2, scipy_images=4,
+        modes: Sequence[str] = ("sequential", "vmap"), num_classes=21, repeats=5, seed=0,
+        cvxpy_max_n=1600, cvxpy_images=2, scipy_images=4,
         ref_budget_s=60.0, seed_side=32, seed_classes=11, seed_alpha=0.05, seed_images=3,
         log: Callable[[str], None] = print) -> dict:
     """Runs the whole benchmark and returns a json-able dict of rows and settings."""
+    if not modes or set(modes) - set(MODES):
+        raise ValueError(f"modes must be among {list(MODES)}, got {list(modes)}")
+    if default_mode() not in modes:
+        modes = [default_mode(), *modes]  # the reference comparison uses the default mode
     if "newton" not in methods:
         raise ValueError(f"methods must include 'newton' (the reference ratios use it), got "
                          f"{list(methods)}")
@@ -256,7 +275,7 @@ def run(sizes: Sequence[int], batches: Sequence[int], methods: Sequence[str], *,
         n = side * side
         log(f"[bench] tags K={num_classes}, N={n} ({side}x{side}), {max(batches)} images")
         log_q, cons = tag_problems(rng, max(batches), side, num_classes)
-        rows, ours = bench_batches(log_q, cons, batches, methods, repeats)
+        rows, ours = bench_batches(log_q, cons, batches, methods, repeats, modes)
         for r in rows:
             main_rows.append({"n": n, "side": side, **r})
         problem = f"tags K={num_classes}"
@@ -272,7 +291,7 @@ def run(sizes: Sequence[int], batches: Sequence[int], methods: Sequence[str], *,
     n = seed_side * seed_side
     log(f"[bench] seed foreground K={seed_classes}, N={n}, alpha={seed_alpha}, batch 1")
     log_q, cons = seed_problems(rng, seed_images, seed_side, seed_classes, seed_alpha)
-    rows, ours = bench_batches(log_q, cons, [1], ["newton"], repeats)
+    rows, ours = bench_batches(log_q, cons, [1], ["newton"], repeats, [default_mode()])
     seed_main = [{"n": n, "side": seed_side, **r} for r in rows]
     problem = f"seed fg K={seed_classes}"
     seed_refs = [
@@ -288,6 +307,7 @@ def run(sizes: Sequence[int], batches: Sequence[int], methods: Sequence[str], *,
                    f"on {jax.default_backend()}",
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "settings": dict(sizes=list(sizes), batches=list(batches), methods=list(methods),
+                         modes=list(modes),
                          num_classes=num_classes, repeats=repeats, seed=seed,
                          cvxpy_max_n=cvxpy_max_n, seed_side=seed_side,
                          seed_classes=seed_classes, seed_alpha=seed_alpha),
@@ -302,8 +322,11 @@ def headline(main_rows, seed_refs) -> dict:
     out = {}
     big = [r for r in main_rows if r["method"] == "newton" and r["n"] == 4096]
     if big:
-        r = max(big, key=lambda r: r["batch"])
-        out["newton_passes_n4096"] = {"batch": r["batch"], "passes": r["passes"], "target": 10.0}
+        top = max(r["batch"] for r in big)
+        out["newton_passes_n4096"] = {
+            "batch": top, "target": 10.0,
+            "passes": {r["mode"]: r["passes"] for r in big if r["batch"] == top},
+            "default_mode": default_mode()}
     for ref in seed_refs:
         key = "cvxpy" if ref["reference"].startswith("CVXPY") else "scipy"
         out[f"seed_speedup_vs_{key}"] = ref["ref_over_newton"]
@@ -328,7 +351,7 @@ def _table(columns, rows) -> list[str]:
 
 
 def _main_cells(r) -> list[str]:
-    return [f"{r['n']} ({r['side']}x{r['side']})", str(r["batch"]), r["method"],
+    return [f"{r['n']} ({r['side']}x{r['side']})", str(r["batch"]), r["method"], r["mode"],
             _g(r["ms_per_image"]), _g(r["passes"]), f"{r['iters_mean']:.1f}",
             str(r["iters_max"]), _g(r["worst_gap"]), _g(r["worst_violation"]),
             f"{r['converged']:.2f}", f"{r['active']:.2f}", f"{r['compile_s']:.1f}"]
@@ -366,8 +389,10 @@ def to_markdown(res: dict) -> str:
     lines += [""]
     if "newton_passes_n4096" in h:
         p = h["newton_passes_n4096"]
-        lines.append(f"- newton, batch {p['batch']}, N=4096, K={s['num_classes']}: "
-                     f"{p['passes']:.1f} passes (target <= {p['target']:.0f}).")
+        modes = ", ".join(f"{v:.1f} {k}" + (" (default here)" if k == p["default_mode"] else "")
+                          for k, v in p["passes"].items())
+        lines.append(f"- newton, batch {p['batch']}, N=4096, K={s['num_classes']}: passes "
+                     f"{modes} (target <= {p['target']:.0f}).")
     lines.append(f"- seed problem: newton {h['seed_speedup_vs_cvxpy']:.0f}x faster than "
                  f"CVXPY/Clarabel (target >= 1000x), {h['seed_speedup_vs_scipy']:.0f}x faster "
                  "than SciPy L-BFGS-B.")
@@ -385,7 +410,7 @@ def main(argv):
     if f.quick:
         kw.update({k: v for k, v in QUICK.items() if k not in ("sizes", "batches")})
         sizes, batches = QUICK["sizes"], QUICK["batches"]
-    res = run(sizes, batches, f.methods, num_classes=f.num_classes, seed=f.seed,
+    res = run(sizes, batches, f.methods, modes=f.modes, num_classes=f.num_classes, seed=f.seed,
               seed_classes=f.seed_classes, seed_alpha=f.seed_alpha, **kw)
     md = to_markdown(res)
     print(md)

@@ -59,16 +59,16 @@ def test_quick_rows_and_columns(quick):
     res, md, stdout = quick
     q = bench_solver.QUICK
     assert md in stdout  # printed as well as written
-    want = [(s * s, b, m) for s, b, m in itertools.product(q["sizes"], q["batches"],
-                                                            ["newton", "pga"])]
-    got = [(r["n"], r["batch"], r["method"]) for r in res["main"]]
+    want = [(s * s, b, m, o) for s, b, m, o in itertools.product(
+        q["sizes"], q["batches"], ["newton", "pga"], ["sequential", "vmap"])]
+    got = [(r["n"], r["batch"], r["method"], r["mode"]) for r in res["main"]]
     assert got == want
     body = _table_rows(md, bench_solver.MAIN_COLUMNS)
     assert len(body) == len(want)
     assert all(len(r) == len(bench_solver.MAIN_COLUMNS) for r in body)
-    assert [(r[1], r[2]) for r in body] == [(str(b), m) for _, b, m in want]
+    assert [(r[1], r[2], r[3]) for r in body] == [(str(b), m, o) for _, b, m, o in want]
     for r in body:  # ms/image, passes, iterations, gap, violation, converged: numbers
-        for cell in r[3:]:
+        for cell in r[4:]:
             assert math.isfinite(float(cell)), r
     refs = [(r["problem"], r["reference"]) for r in res["references"] + res["seed_references"]]
     assert refs == [("tags K=21", "CVXPY+Clarabel"), ("tags K=21", "SciPy L-BFGS-B"),

@@ -77,3 +77,25 @@ def test_hardness_sharpens_p():
                                         hardness=1000.0))
     assert p2.max(-1).mean() > p1.max(-1).mean()
     np.testing.assert_array_equal(p2.argmax(-1), p1.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["tags", "tags_size", "foreground_hard", "general"])
+@pytest.mark.parametrize("scale", [0.1, 1.0, 30.0, 1000.0])
+@pytest.mark.parametrize("lam_scale", [0.0, 1.0, 20.0, 1e4])
+def test_factorised_latent_equals_exact(family, scale, lam_scale):
+    """P and lse from exp(s f - m) * exp(s shift) match the direct exponential, whichever
+    branch the span test takes (lam_scale 1e4 spans far beyond FACTOR_SPAN: the exact one)."""
+    f, cons = problems.make(family, 7, scale)
+    f[0, 0, 1] = -np.inf  # q = 0 somewhere
+    rng = np.random.default_rng(int(scale * 10 + lam_scale))
+    lam = jnp.asarray(rng.uniform(0, lam_scale, cons.a.shape[0]), jnp.float32)
+    for hardness in (1.0, 1000.0):
+        fast = dual.make_problem(jnp.asarray(f), cons, hardness, factorise=True)
+        exact = dual.make_problem(jnp.asarray(f), cons, hardness)
+        assert fast.e0_NxK is not None and exact.e0_NxK is None
+        p_fast, lse_fast = jax.jit(dual._latent)(lam, fast)
+        p_exact, lse_exact = jax.jit(dual._latent)(lam, exact)
+        assert np.all(np.isfinite(np.asarray(p_fast))) and np.all(np.isfinite(lse_fast))
+        np.testing.assert_allclose(np.asarray(p_fast), np.asarray(p_exact), atol=2e-6)
+        np.testing.assert_allclose(np.asarray(lse_fast), np.asarray(lse_exact), rtol=1e-6,
+                                   atol=1e-5)

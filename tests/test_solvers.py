@@ -88,13 +88,15 @@ def test_agrees_with_scipy_dual(seed, scale):
     np.testing.assert_allclose(np.asarray(sol.p).reshape(p_ref.shape), p_ref, atol=2e-3)
 
 
+@pytest.mark.parametrize("sequential", [False, True])
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(seed=seeds, scale=scales)
-def test_vmap_equals_loop(seed, scale):
+def test_vmap_equals_loop(sequential, seed, scale):
+    """solve_batch, vmapped (exact latent) or sequential (factorised latent), equals solve."""
     batch = [problems.make("tags", seed + i, scale) for i in range(4)]
     f_b = jnp.stack([jnp.asarray(f) for f, _ in batch])
     cons_b = jax.tree.map(lambda *x: jnp.stack(x), *[c for _, c in batch])
-    sol_b = solve_batch(f_b, cons_b)
+    sol_b = solve_batch(f_b, cons_b, sequential=sequential)
     for i, (f, cons) in enumerate(batch):
         sol = solve(jnp.asarray(f), cons)
         np.testing.assert_allclose(np.asarray(sol_b.p[i]), np.asarray(sol.p), atol=1e-5)
