@@ -7,7 +7,9 @@ constraints are active (P != Q; the fraction with lambda != 0 is reported):
 - ms per image of ``solve_batch`` (jitted, compile excluded, ``block_until_ready``, median of
   repeats) for ``newton`` and ``pga`` at each image size and batch size, mean / max iterations,
   worst duality gap, worst hard-row violation, converged fraction, and "passes": solve time
-  divided by the time of one jitted ``jax.nn.log_softmax`` over the same batch of logits;
+  divided by the time of one jitted ``jax.nn.log_softmax`` over the same batch of logits (the
+  median of per-repeat ratios, the two timed back to back, so a shared machine's load changes
+  affect both), for both ``solve_batch`` modes (sequential, the CPU default, and vmap);
 - the CPU float64 references of :mod:`ccnn_jax.reference` on the same problems: CVXPY +
   Clarabel on the primal (small N only, under a time budget) and SciPy L-BFGS-B on the dual,
   as reference-time / our-time ratios per image and max |P_ours - P_ref|;
@@ -144,6 +146,28 @@ def median_ms(fn: Callable[[], object], repeats: int, min_ms: float = 5.0) -> fl
     return float(np.median(times))
 
 
+def paired_ms(fn: Callable[[], object], ref: Callable[[], object], repeats: int,
+              min_ms: float = 5.0) -> tuple[float, float, float]:
+    """Median ms of ``fn`` and of ``ref``, and the median of their per-repeat ratio, timing the
+    two back to back in every repeat so that both see the same load on a shared machine."""
+    inner = []
+    for f in (fn, ref):
+        jax.block_until_ready(f())
+        t0 = time.perf_counter()
+        jax.block_until_ready(f())
+        inner.append(max(1, int(np.ceil(min_ms / max((time.perf_counter() - t0) * 1e3, 1e-3)))))
+    times = np.zeros((repeats, 2))
+    for r in range(repeats):
+        for j, (f, n) in enumerate(zip((fn, ref), inner, strict=True)):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = f()
+            jax.block_until_ready(out)
+            times[r, j] = (time.perf_counter() - t0) * 1e3 / n
+    med = np.median(times, axis=0)
+    return float(med[0]), float(med[1]), float(np.median(times[:, 0] / times[:, 1]))
+
+
 MODES = {"sequential": True, "vmap": False}
 """``solve_batch(sequential=...)``: one image after the other, or all in lockstep."""
 
@@ -173,13 +197,17 @@ def bench_batches(log_q, cons, batches: Sequence[int], methods: Sequence[str], r
     for b in batches:
         chunks = [(i, i + b) for i in range(0, total - b + 1, b)]
         inputs = [(log_q[i:j], take(cons, i, j)) for i, j in chunks]
-        softmax_ms = sum(median_ms(lambda x=x: _log_softmax(x), repeats) for x, _ in inputs)
         for method, mode in [(m, o) for m in methods for o in modes]:
             solver = jitted_solver(method, mode)
             t0 = time.perf_counter()
             jax.block_until_ready(solver(*inputs[0]))
             compile_s = time.perf_counter() - t0
-            times = [median_ms(lambda x=x, c=c, f=solver: f(x, c), repeats) for x, c in inputs]
+            # each chunk's solve timed back to back with log_softmax over the same logits
+            paired = [paired_ms(lambda x=x, c=c, f=solver: f(x, c),
+                                lambda x=x: _log_softmax(x), repeats) for x, c in inputs]
+            times = [t for t, _, _ in paired]
+            softmax_ms = sum(t for _, t, _ in paired)
+            passes = sum(r * t for _, t, r in paired) / softmax_ms
             sols = [solver(x, c) for x, c in inputs]
             info = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
                                 *[s.info for s in sols])
@@ -188,7 +216,7 @@ def bench_batches(log_q, cons, batches: Sequence[int], methods: Sequence[str], r
             rows.append({
                 "batch": b, "method": method, "mode": mode,
                 "ms_per_image": sum(times) / n_img,
-                "passes": sum(times) / softmax_ms,
+                "passes": passes,
                 "softmax_ms_per_image": softmax_ms / n_img,
                 "iters_mean": float(info.iterations.mean()),
                 "iters_max": int(info.iterations.max()),
@@ -375,7 +403,8 @@ def to_markdown(res: dict) -> str:
              f"{', '.join(f'{x:.2f}' for x in res['load_average'] or [])}.", "",
              f"Tag constraints (`constraints.from_tags`, K={s['num_classes']}), jitted "
              f"`solve_batch`, median of {s['repeats']} repeats, compile excluded; passes = solve "
-             "time / one jitted `log_softmax` over the same batch; active = fraction of images "
+             "time / one jitted `log_softmax` over the same batch (median of per-repeat ratios, "
+             "timed back to back); active = fraction of images "
              "with lambda != 0 (P != Q).", ""]
     lines += _table(MAIN_COLUMNS, [_main_cells(r) for r in res["main"]])
     lines += ["", f"Seed's foreground problem (K={s['seed_classes']}, "
