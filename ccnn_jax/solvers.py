@@ -324,7 +324,9 @@ def solve(log_q: Array, cons: LinearConstraints, *, method: str = "newton", tol:
       max_lambda: cap on hard-row multipliers; reaching it while violated means infeasible.
 
     Returns:
-      ``Solution(lam, p, info)``. jit- and vmap-able (``method``/``max_iter`` are static).
+      ``Solution(lam, p, info)``. jit- and vmap-able (``method``/``max_iter`` are static); for a
+      batch prefer :func:`solve_batch`: under ``vmap`` the factorised latent's branch runs on
+      both sides.
     """
     _check(log_q, cons, method, batched=False)
     max_iter = max_iter or _DEFAULT_MAX_ITER[method]

@@ -37,7 +37,7 @@ def get_config(config_string: str = "default") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Training of both networks (pixel supervision); dataset, model and optimiser come from here.
     c.train = _train_config("full,tiny" if tiny else "full")
-    c.full_steps = 150
+    c.full_steps = 600
     c.under_steps = 20
     c.train.num_steps = c.get_ref("full_steps")
     c.train.checkpoint_every = 50
