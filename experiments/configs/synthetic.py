@@ -24,11 +24,12 @@ slice, then tags from its weights::
 Expected on a shared 2-core CPU (measured; 400 steps of batch 16, about 3 min of training):
 the main job takes 3 min 45 s wall including dataset preparation and reports val mIoU 0.093;
 ``full`` reaches 0.167 (0.335 after 1500 steps), while ``ccnn``, ``ccnn_size`` and ``mil``
-collapse to background everywhere (0.091-0.093). From the warm start (0.158), ``ccnn`` and
-``mil`` collapse too, while ``ccnn_size`` reaches 0.230 after 1500 steps (12 min) and ``ccnn`` with
-``--config.hardness=1000 --config.constraints.fg_slack=inf`` 0.187; more pixel supervision on
-the same 10% reaches 0.296. Rerunning a finished workdir resumes and
-re-evaluates in about 20 s. See the README's training section for the table and the diagnosis.
+collapse to background everywhere (0.091-0.093; ``ccnn`` still after 4000 steps, 31 min).
+From the warm start (0.158), ``ccnn`` and ``mil`` collapse too, while ``ccnn_size`` reaches
+0.230 after 1500 steps (12 min) and ``ccnn`` with ``--config.hardness=1000
+--config.constraints.fg_slack=inf`` 0.187; more pixel supervision on the same 10% reaches 0.296.
+Rerunning a finished workdir resumes and re-evaluates in about 20 s. See the README's training
+section for the table and the diagnosis.
 """
 
 import ml_collections
