@@ -139,13 +139,14 @@ def _latent(lam_C: Array, prob: Problem) -> tuple[Array, Array]:
     shift_K = prob.hardness * _shift(lam_C, prob)
     top = jnp.max(jnp.where(prob.mask_K, shift_K, -jnp.inf))
     span = top - jnp.min(jnp.where(prob.mask_K, shift_K, jnp.inf))
-    return jax.lax.cond(span <= FACTOR_SPAN, _latent_factorised, _latent_exact, lam_C, prob)
+    return jax.lax.cond(span <= FACTOR_SPAN,
+                        lambda: _latent_factorised(shift_K, top, prob),
+                        lambda: _latent_exact(lam_C, prob))
 
 
-def _latent_factorised(lam_C: Array, prob: Problem) -> tuple[Array, Array]:
-    """As :func:`_latent`, as exp(s f_il - m_i) * exp(s shift_l - max shift): K exponentials."""
-    shift_K = prob.hardness * _shift(lam_C, prob)
-    top = jnp.max(jnp.where(prob.mask_K, shift_K, -jnp.inf))
+def _latent_factorised(shift_K: Array, top: Array, prob: Problem) -> tuple[Array, Array]:
+    """As :func:`_latent` from exp(s f_il - m_i) * exp(shift_l - top): K exponentials, where
+    shift = s A^T lam and top its largest allowed entry."""
     e = prob.e0_NxK * jnp.where(prob.mask_K, jnp.exp(shift_K - top), 0.0)
     total = jnp.sum(e, axis=-1, keepdims=True)
     return e / total, prob.m_N + top + jnp.log(total[:, 0])

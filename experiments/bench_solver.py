@@ -126,26 +126,6 @@ def take(cons, i: int, j: int | None = None):
 # ----------------------------------------------------------------------------- timing
 
 
-def median_ms(fn: Callable[[], object], repeats: int, min_ms: float = 5.0) -> float:
-    """Median wall time of ``fn()`` in ms (blocking on its outputs), after one warm-up call.
-
-    Calls too fast to time singly are repeated within each timed repeat (at least ``min_ms``).
-    """
-    jax.block_until_ready(fn())
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    once = (time.perf_counter() - t0) * 1e3
-    inner = max(1, int(np.ceil(min_ms / max(once, 1e-3))))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) * 1e3 / inner)
-    return float(np.median(times))
-
-
 def paired_ms(fn: Callable[[], object], ref: Callable[[], object], repeats: int,
               min_ms: float = 5.0) -> tuple[float, float, float]:
     """Median ms of ``fn`` and of ``ref``, and the median of their per-repeat ratio, timing the
