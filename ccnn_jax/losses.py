@@ -2,20 +2,30 @@ r"""Training losses: CCNN (constrained latent P from tags), MIL-FCN and full pix
 
 All losses take logits (B, h, w, K) and a per-example weight ``valid`` (B,) (0 for padding), and
 average over the valid examples only: ``loss = sum_b valid_b * loss_b / max(sum_b valid_b, 1)``.
+
+Methods (``config.method``), dispatched by :func:`compute_loss` from a :class:`LossSpec`:
+
+- ``"ccnn"``: CCNN from tags — per image, P = argmin KL(P || Q) under the tag constraints,
+  solved on stop_gradient(log Q); loss = CE(P, Q) (:func:`ccnn_loss`).
+- ``"ccnn_size"``: the same with the 1-bit size hints (hardness ``SIZE_HARDNESS``).
+- ``"mil"``: MIL-FCN, sigmoid CE of max-pooled class scores against tags (:func:`mil_loss`).
+- ``"full"``: pixel-wise CE against the masks, the fully supervised upper bound
+  (:func:`supervised_loss`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
+from ccnn_jax import configs, solvers
 from ccnn_jax import constraints as constraints_lib
-from ccnn_jax import solvers
-
-VOID = 255
+from ccnn_jax.models import upsample_logits
 
 
 def _weighted_mean(per_example_B: jax.Array, valid_B: jax.Array) -> jax.Array:
@@ -147,3 +157,84 @@ def supervised_loss(
         logits_BxHxWxK.astype(jnp.float32), labels
     )
     return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0), {}
+
+
+# ----------------------------------------------------------------------------- method dispatch
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """Static loss settings of a run (hashable, so jitted steps can close over them).
+
+    Built from a config by :func:`loss_spec`; ``constraints`` holds the ``from_tags`` bounds as
+    sorted (name, value) items, ``hardness`` None means 1 (tags) or ``SIZE_HARDNESS`` (sizes).
+    """
+
+    method: str
+    background: int | None
+    num_classes: int
+    solver_method: str
+    solver_tol: float
+    solver_max_iter: int
+    mil_warmup_steps: int
+    mil_weight: float
+    constraints: tuple[tuple[str, float], ...]
+    hardness: float | None
+
+    def __post_init__(self):
+        if self.method not in configs.METHODS:
+            raise ValueError(f"method must be one of {configs.METHODS}, got {self.method!r}")
+
+
+def loss_spec(config: ml_collections.ConfigDict, meta) -> LossSpec:
+    """The :class:`LossSpec` of ``config`` for a dataset with ``meta`` (background, K)."""
+    s = config.solver
+    return LossSpec(
+        method=config.method,
+        background=meta.background,
+        num_classes=meta.num_classes,
+        solver_method=s.method,
+        solver_tol=float(s.tol),
+        solver_max_iter=int(s.max_iter),
+        mil_warmup_steps=int(config.mil_warmup_steps),
+        mil_weight=float(config.mil_weight),
+        constraints=tuple(sorted((k, float(v)) for k, v in config.constraints.items())),
+        hardness=None if config.hardness is None else float(config.hardness),
+    )
+
+
+def compute_loss(
+    logits_BxhxwxK: jax.Array, batch: dict, spec: LossSpec, step: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The configured method's loss on (possibly coarse) logits; aux has scalars (+ ``p``).
+
+    With ``mil_weight > 0`` the CCNN loss gets ``mil_weight * MIL`` added, and with
+    ``mil_warmup_steps > 0`` the loss is MIL alone while ``step < mil_warmup_steps``.
+    """
+    valid = batch["valid"]
+    if spec.method in ("ccnn", "ccnn_size") and (spec.mil_warmup_steps or spec.mil_weight):
+        loss, aux = compute_loss(
+            logits_BxhxwxK, batch, dataclasses.replace(spec, mil_warmup_steps=0, mil_weight=0.0)
+        )
+        mil, _ = mil_loss(logits_BxhxwxK, batch["tags"], valid)
+        aux["ccnn_loss"], aux["mil_loss"] = loss, mil
+        loss = loss + spec.mil_weight * mil
+        if step is not None and spec.mil_warmup_steps:
+            loss = jnp.where(step < spec.mil_warmup_steps, mil, loss)
+        return loss, aux
+    if spec.method in ("ccnn", "ccnn_size"):
+        return ccnn_loss(
+            logits_BxhxwxK,
+            batch["tags"],
+            valid,
+            size_BxK=batch["size"] if spec.method == "ccnn_size" else None,
+            background=spec.background,
+            method=spec.solver_method,
+            hardness=spec.hardness,
+            solver_kwargs={"tol": spec.solver_tol, "max_iter": spec.solver_max_iter},
+            constraint_kwargs=dict(spec.constraints),
+        )
+    if spec.method == "mil":
+        return mil_loss(logits_BxhxwxK, batch["tags"], valid)
+    logits = upsample_logits(logits_BxhxwxK, batch["mask"].shape[1:3])
+    return supervised_loss(logits, batch["mask"], valid)

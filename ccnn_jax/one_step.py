@@ -25,7 +25,8 @@ Constraint variants (all solved on :math:`\log Q^u`, every row
 - ``oracle``: :math:`\alpha_l` = ``oracle_fraction`` (default 0.9) times the true share of the
   image's pixels labelled l (void counts for no label); no mask; hard rows.
 - ``ccnn_tags``: the original CCNN tag constraints (:func:`ccnn_jax.constraints.from_tags`):
-  absent labels masked (P = 0), foreground >= 5% (slack penalty 2), background in [30%, 70%].
+  absent labels masked (P = 0), the foreground and background bounds of
+  ``constraints.VOC_BOUNDS`` (soft foreground lower bounds, hard background interval).
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ from ccnn_jax.metrics import kl_divergence
 
 VARIANTS = ("tags", "oracle", "ccnn_tags")
 
+_VOC = constraints_lib.VOC_BOUNDS
 DESCRIPTIONS = {
     "tags": "sum_i P_i(l) >= {tags_alpha} N for tagged labels (hard, no mask)",
     "oracle": "sum_i P_i(l) >= {oracle_fraction} x true pixels of l (hard, no mask)",
-    "ccnn_tags": "CCNN from_tags: absent masked, fg >= 0.05 (soft), bg in [0.3, 0.7]",
+    "ccnn_tags": (
+        f"CCNN from_tags: absent masked, fg >= {_VOC.fg_lower} (soft), "
+        f"bg in [{_VOC.bg_lower}, {_VOC.bg_upper}]"
+    ),
 }
 
 

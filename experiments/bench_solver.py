@@ -44,26 +44,6 @@ from absl import app, flags
 
 from ccnn_jax import constraints, reference, solve_batch
 
-flags.DEFINE_list("sizes", ["40", "64", "128"], "Image side lengths H = W (N = side^2).")
-flags.DEFINE_list("batches", ["1", "32"], "Batch sizes; the largest is the number of problems.")
-flags.DEFINE_list("methods", ["newton", "pga"], "Solver methods to time.")
-flags.DEFINE_list("modes", ["sequential", "vmap"], "solve_batch modes to time: 'sequential' "
-                  "(lax.map, the CPU default) and/or 'vmap' (the accelerator default).")
-flags.DEFINE_integer("num_classes", 21, "K for the tag-constraint problems (VOC: 21).")
-flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (the median is reported).")
-flags.DEFINE_integer("seed", 0, "Seed of the random problems.")
-flags.DEFINE_integer("cvxpy_max_n", 1600, "Largest N on which CVXPY/Clarabel is run.")
-flags.DEFINE_integer("cvxpy_images", 2, "Images per size solved with CVXPY/Clarabel.")
-flags.DEFINE_integer("scipy_images", 4, "Images per size solved with SciPy L-BFGS-B.")
-flags.DEFINE_float("ref_budget_s", 60.0, "Time budget per reference and size; no new image "
-                   "is started once it is spent (at least one image always runs).")
-flags.DEFINE_integer("seed_side", 32, "Side of the seed's foreground problem (N = side^2).")
-flags.DEFINE_integer("seed_classes", 11, "K of the seed's foreground problem.")
-flags.DEFINE_float("seed_alpha", 0.05, "Hard lower bound per label of the seed's problem.")
-flags.DEFINE_integer("seed_images", 3, "Images of the seed's problem (each solved at batch 1).")
-flags.DEFINE_bool("quick", False, "Smoke run: tiny sizes and repeats (overrides the sizes).")
-flags.DEFINE_string("out", None, "If set, writes <out>.json and <out>.md.")
-
 #: ``--quick``: one tiny size at batch 1 (each shape costs a compile of several seconds).
 QUICK = dict(sizes=[8], batches=[1], repeats=2, cvxpy_max_n=64, cvxpy_images=1,
              scipy_images=1, seed_side=8, seed_images=1, ref_budget_s=20.0)
@@ -432,5 +412,30 @@ def main(argv):
         print(f"[bench] wrote {f.out}.json and {f.out}.md")
 
 
+
+def _define_flags():
+    """CLI flags, defined only when run as a script (importing this module defines none)."""
+    flags.DEFINE_list("sizes", ["40", "64", "128"], "Image side lengths H = W (N = side^2).")
+    flags.DEFINE_list("batches", ["1", "32"], "Batch sizes; the largest is the number of problems.")
+    flags.DEFINE_list("methods", ["newton", "pga"], "Solver methods to time.")
+    flags.DEFINE_list("modes", ["sequential", "vmap"], "solve_batch modes to time: 'sequential' "
+                      "(lax.map, the CPU default) and/or 'vmap' (the accelerator default).")
+    flags.DEFINE_integer("num_classes", 21, "K for the tag-constraint problems (VOC: 21).")
+    flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (the median is reported).")
+    flags.DEFINE_integer("seed", 0, "Seed of the random problems.")
+    flags.DEFINE_integer("cvxpy_max_n", 1600, "Largest N on which CVXPY/Clarabel is run.")
+    flags.DEFINE_integer("cvxpy_images", 2, "Images per size solved with CVXPY/Clarabel.")
+    flags.DEFINE_integer("scipy_images", 4, "Images per size solved with SciPy L-BFGS-B.")
+    flags.DEFINE_float("ref_budget_s", 60.0, "Time budget per reference and size; no new image "
+                       "is started once it is spent (at least one image always runs).")
+    flags.DEFINE_integer("seed_side", 32, "Side of the seed's foreground problem (N = side^2).")
+    flags.DEFINE_integer("seed_classes", 11, "K of the seed's foreground problem.")
+    flags.DEFINE_float("seed_alpha", 0.05, "Hard lower bound per label of the seed's problem.")
+    flags.DEFINE_integer("seed_images", 3, "Images of the seed's problem (each solved at batch 1).")
+    flags.DEFINE_bool("quick", False, "Smoke run: tiny sizes and repeats (overrides the sizes).")
+    flags.DEFINE_string("out", None, "If set, writes <out>.json and <out>.md.")
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -2,7 +2,7 @@ r"""The seed's demonstration: one convex latent step from an under-trained netwo
 
     python experiments/one_step_latent.py --workdir runs/one_step
     python experiments/one_step_latent.py --workdir runs/one_step_tiny \
-        --config experiments/configs/one_step.py:tiny
+        --config ccnn_jax/configs/one_step.py:tiny
 
 Trains (or restores from ``<workdir>/under`` and ``<workdir>/full``) a fully supervised UNet
 stopped early (Q_under) and fully trained (Q_full); for every validation image solves
@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import os
-import sys
 import time
 
 import jax
@@ -31,26 +30,24 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ccnn_jax import checkpoint as checkpoint_lib
+from ccnn_jax import metrics, one_step, reporting, solve, solve_batch
+from ccnn_jax import run as run_lib
+from ccnn_jax.configs import one_step as one_step_config
+from ccnn_jax.models import upsample_logits
 
-from ccnn_jax import checkpoint as checkpoint_lib  # noqa: E402
-from ccnn_jax import metrics, one_step, reporting, solve, solve_batch  # noqa: E402
-from ccnn_jax.models import upsample_logits  # noqa: E402
-
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "one_step.py")
+FLAGS = flags.FLAGS
 
 
 # ----------------------------------------------------------------------------- training (cached)
 
 
 def _train_cached(train_config, workdir: epath.Path, stop_step: int, progress: bool):
-    """``train.train`` in ``workdir`` up to ``stop_step`` (<= num_steps); a rerun restores it.
+    """``run.train`` in ``workdir`` up to ``stop_step`` (<= num_steps); a rerun restores it.
 
     The train config is stored next to the checkpoints; a rerun with a different config is an
     error (delete the directory to retrain) rather than silently mixing two runs.
     """
-    from ccnn_jax import train as train_lib
-
     workdir.mkdir(parents=True, exist_ok=True)
     record = {"train_config": json.loads(json.dumps(train_config.to_dict())),
               "stop_step": stop_step}  # fmt: skip
@@ -69,7 +66,7 @@ def _train_cached(train_config, workdir: epath.Path, stop_step: int, progress: b
     ckpt.close()
     if done > stop_step:
         raise ValueError(f"{workdir}/checkpoints holds step {done} > the requested {stop_step}")
-    out = train_lib.train(train_config, workdir, max_steps_this_run=stop_step - done,
+    out = run_lib.train(train_config, workdir, max_steps_this_run=stop_step - done,
                           progress=progress)  # fmt: skip
     step = int(jax.device_get(out.state.step))
     if step != stop_step:
@@ -236,7 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
     log_q_under_fn, log_q_full_fn = _log_probs_fn(under), _log_probs_fn(full)
 
     loader = pipeline.make_loader(
-        tc.dataset, "validation", data_dir=tc.get("data_dir"),
+        tc.dataset, "validation", data_dir=tc.data_dir,
         batch_size=int(config.eval_batch_size), image_size=tuple(tc.image_size), train=False,
         seed=int(tc.seed), num_epochs=1, shard_by_process=False,
     )  # fmt: skip
@@ -390,7 +387,7 @@ def markdown(results: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    config, workdir = FLAGS.config, FLAGS.workdir
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         # Reuse compiled programs: the two training runs, and every rerun, compile the same ones.
         jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
@@ -403,7 +400,9 @@ def main(argv):
 
 def _define_flags():
     """CLI flags, defined only when run as a script (importing this module defines none)."""
-    config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections config file")
+    config_flags.DEFINE_config_file(
+        "config", one_step_config.__file__, "ml_collections config file"
+    )
     flags.DEFINE_string("workdir", None, "directory for the cached networks and results")
     flags.mark_flags_as_required(["workdir"])
 

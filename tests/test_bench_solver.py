@@ -16,11 +16,10 @@ import sys
 
 import pytest
 
+from experiments import bench_solver
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "bench_solver.py"
-
-sys.path.insert(0, str(ROOT / "experiments"))
-import bench_solver  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,7 @@ def test_cli_end_to_end_tiny(tmp_path):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                JAX_PLATFORMS="cpu")  # fmt: skip
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "one_step_latent.py"),
-           "--config", os.path.join(ROOT, "experiments", "configs", "one_step.py") + ":tiny",
+           "--config", os.path.join(ROOT, "ccnn_jax", "configs", "one_step.py") + ":tiny",
            f"--config.train.data_dir={tmp_path / 'tfds'}", f"--workdir={workdir}"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

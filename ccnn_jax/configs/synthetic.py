@@ -3,10 +3,10 @@
 Command (the main job; prepares the dataset the first time, ~25 s)::
 
     python experiments/train.py --workdir runs/ccnn
-    python experiments/train.py --config experiments/configs/synthetic.py:ccnn_size \
+    python experiments/train.py --config ccnn_jax/configs/synthetic.py:ccnn_size \
         --workdir runs/ccnn_size
-    python experiments/train.py --config experiments/configs/synthetic.py:mil --workdir runs/mil
-    python experiments/train.py --config experiments/configs/synthetic.py:full --workdir runs/full
+    python experiments/train.py --config ccnn_jax/configs/synthetic.py:mil --workdir runs/mil
+    python experiments/train.py --config ccnn_jax/configs/synthetic.py:full --workdir runs/full
 
 Variants (the config string after ``:``): ``ccnn`` (tags, default), ``ccnn_size`` (tags + 1-bit
 size hints), ``mil`` (MIL-FCN baseline), ``full`` (pixel supervision, the upper bound);
@@ -16,9 +16,9 @@ or ``,gpu`` for one accelerator (width 32, batch 64, 4000 steps; not run by us).
 Warm start (the original started from a pretrained network): train ``full`` on a labelled
 slice, then tags from its weights::
 
-    python experiments/train.py --config experiments/configs/synthetic.py:full \
+    python experiments/train.py --config ccnn_jax/configs/synthetic.py:full \
         --workdir runs/src10 --config.train_split='train[:10%]'
-    python experiments/train.py --config experiments/configs/synthetic.py:ccnn_size \
+    python experiments/train.py --config ccnn_jax/configs/synthetic.py:ccnn_size \
         --workdir runs/warm_ccnn_size --config.init_from=runs/src10 --config.num_steps=1500
 
 Expected on a shared 2-core CPU (measured; 400 steps of batch 16, about 3 min of training):
@@ -35,8 +35,6 @@ section for the table and the diagnosis.
 import ml_collections
 
 from ccnn_jax import configs
-
-METHODS = configs.METHODS
 
 
 def get_config(config_string: str = "ccnn") -> ml_collections.ConfigDict:

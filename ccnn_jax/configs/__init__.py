@@ -1,13 +1,20 @@
-"""Shared training-config skeleton for ``experiments/configs/*.py`` (ml_collections).
+"""Training configs (ml_collections): the shared skeleton and one module per dataset.
 
-Each dataset config calls :func:`parse` on its config string (``"<method>[,option...]"``) and
-:func:`base`, then sets its dataset, image size, model and schedule. One place for the fields
-every run has, so the dataset configs hold only what differs.
+``synthetic.py``, ``voc.py``, ``camvid.py`` (and ``one_step.py`` for the one-step demonstration)
+each define ``get_config(config_string)``; pass their file path to ``--config`` of the scripts in
+``experiments/``, e.g. ``--config ccnn_jax/configs/synthetic.py:mil``. Each dataset config calls
+:func:`parse` on its config string (``"<method>[,option...]"``) and :func:`base`, then sets its
+dataset, image size, model and schedule. :func:`base` is the one place for the fields every run
+reads, with their defaults, so the dataset configs hold only what differs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from ccnn_jax import constraints
 
 METHODS = ("ccnn", "ccnn_size", "mil", "full")
 
@@ -29,8 +36,7 @@ def parse(config_string: str | None, options: tuple[str, ...]) -> tuple[str, set
 def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     """Every field a training run reads, with defaults; the dataset config overrides them.
 
-    Constraint bounds default to the original CCNN's VOC values (background in [0.3, 0.7],
-    each present label >= 5%; with size hints: large labels >= 10%, background in [0.2, 0.7]).
+    Constraint bounds default to the original CCNN's VOC values, ``constraints.VOC_BOUNDS``.
     """
     c = ml_collections.ConfigDict()
     c.method = method
@@ -56,7 +62,8 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.learning_rate = 1e-3
     c.warmup_steps = 20
     c.weight_decay = 1e-4
-    c.grad_clip_norm = 1.0
+    c.grad_clip_norm = 1.0  # 0: no clipping
+    c.final_lr_fraction = 0.01  # the cosine schedule ends at this fraction of learning_rate
 
     c.solver = ml_collections.ConfigDict()
     c.solver.method = "newton"
@@ -65,14 +72,8 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     # Inverse temperature s of the latent P ~ Q^s exp(s A^T lam); None: 1 for tags, 1000
     # (the original's value) with size hints. Large s gives a near one-hot P.
     c.hardness = ml_collections.config_dict.placeholder(float)
-    c.constraints = ml_collections.ConfigDict()
-    c.constraints.fg_lower = 0.05
-    c.constraints.fg_slack = 2.0  # penalty on the lower bound's slack; inf makes it hard
-    c.constraints.bg_lower = 0.3
-    c.constraints.bg_upper = 0.7
-    c.constraints.size_fg_lower = 0.1
-    c.constraints.size_bg_lower = 0.2
-    c.constraints.size_bg_upper = 0.7
+    # The keyword arguments of constraints.from_tags (see constraints.TagBounds).
+    c.constraints = ml_collections.ConfigDict(dataclasses.asdict(constraints.VOC_BOUNDS))
     c.mil_warmup_steps = 0  # > 0: MIL loss for the first steps, then CCNN
     c.mil_weight = 0.0  # > 0: CCNN + mil_weight * MIL
 
