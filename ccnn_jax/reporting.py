@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-VOID = 255
-
+from ccnn_jax.data.common import VOID
 
 # ----------------------------------------------------------------------------- metric logging
 

@@ -131,33 +131,19 @@ def open_source(data_dir: os.PathLike | str | None, split: str | None = None):
         ) from None
 
 
-class CcnnOxfordPet(tfds.core.GeneratorBasedBuilder):
+class CcnnOxfordPet(common.SegmentationBuilder):
     """Oxford-IIIT Pet with classes background/cat/dog and the trimap border as void.
 
     Reads TFDS's prepared ``oxford_iiit_pet`` from ``source_data_dir`` (default: this builder's
     ``data_dir``); see the module docstring for how to prepare it.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    CLASS_NAMES = CLASS_NAMES
+    HOMEPAGE = "https://www.robots.ox.ac.uk/~vgg/data/pets/"
 
-    def __init__(
-        self,
-        *,
-        file_format: str = "array_record",
-        source_data_dir: os.PathLike | str | None = None,
-        **kwargs,
-    ):
-        super().__init__(file_format=file_format, **kwargs)
+    def __init__(self, *, source_data_dir: os.PathLike | str | None = None, **kwargs):
+        super().__init__(**kwargs)
         self._source_data_dir = source_data_dir
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=common.segmentation_features(CLASS_NAMES),
-            homepage="https://www.robots.ox.ac.uk/~vgg/data/pets/",
-        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # the source is TFDS's prepared oxford_iiit_pet

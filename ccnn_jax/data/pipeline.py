@@ -10,7 +10,7 @@ Per example (numpy, no TensorFlow): decode (TFDS/PIL) -> geometric transform -> 
   :data:`TRAIN_SCALE_RANGE`, random offset (crop or pad), horizontal flip with p = 1/2.
   Eval: ``s = min(H/h, W/w)`` (fit, aspect kept), centred, void padding.
 - Targets from the *output* mask: ``tags[k] = [count_k > 0]``,
-  ``size[k] = [count_k > LARGE_FRACTION * H * W]`` (void never counts).
+  ``size[k] = [count_k > common.LARGE_FRACTION * H * W]`` (void never counts).
 
 Batches are dicts of numpy arrays (see :func:`make_loader`). Shuffling and augmentation are
 deterministic in ``seed``; the iterator's ``get_state``/``set_state`` resume exactly.
@@ -33,9 +33,6 @@ from ccnn_jax.data import common
 
 TRAIN_SCALE_RANGE = (0.8, 1.25)
 """Random rescale factor range (relative to the cover scale), drawn log-uniformly."""
-
-LARGE_FRACTION = 0.1
-"""``size[k] = 1`` when class k covers more than this fraction of the output image."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +156,7 @@ def _targets(mask_hxw: np.ndarray, num_classes: int, filename) -> tuple[np.ndarr
         )
     counts = counts[:num_classes]
     tags = (counts > 0).astype(np.float32)
-    size = (counts > LARGE_FRACTION * mask_hxw.size).astype(np.float32)
+    size = (counts > common.LARGE_FRACTION * mask_hxw.size).astype(np.float32)
     return tags, size
 
 

@@ -44,9 +44,6 @@ CONTEXT_PROB = 0.8
 CONTEXT_LEAK = 0.05
 """P(a given context texture | none of its classes is in the image)."""
 
-LARGE_FRACTION = 0.1
-"""A class is ``large`` when it covers more than this fraction of the image's pixels."""
-
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
 
@@ -315,7 +312,7 @@ def generate_scene(
         instances[band] = -1
     labels = common.labels_in_mask(mask, len(CLASS_NAMES))
     counts = np.bincount(mask.ravel(), minlength=256)
-    large = [c for c in labels if counts[c] > LARGE_FRACTION * size * size]
+    large = [c for c in labels if counts[c] > common.LARGE_FRACTION * size * size]
     occluded = tuple(
         np.count_nonzero(fp & (zmap > j + 1)) / full_area[j] for j, fp in enumerate(footprints)
     )
@@ -340,11 +337,10 @@ def _outer_band(zmap: np.ndarray, width: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- builder
 
 
-class CcnnSynthetic(tfds.core.GeneratorBasedBuilder):
+class CcnnSynthetic(common.SegmentationBuilder):
     """Procedural shapes-on-clutter segmentation with tags, size hints and context bias."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    CLASS_NAMES = CLASS_NAMES
     BUILDER_CONFIGS = [
         SyntheticConfig(
             name="default",
@@ -359,20 +355,8 @@ class CcnnSynthetic(tfds.core.GeneratorBasedBuilder):
     ]  # fmt: skip
     DEFAULT_CONFIG_NAME = "default"
 
-    def __init__(self, *, file_format=None, **kwargs):
-        # array_record by default: it is written and read without TensorFlow.
-        super().__init__(file_format=file_format or "array_record", **kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=common.segmentation_features(
-                CLASS_NAMES,
-                large=tfds.features.Sequence(tfds.features.ClassLabel(names=CLASS_NAMES)),
-            ),
-            supervised_keys=None,
-        )
+    def extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
+        return {"large": tfds.features.Sequence(tfds.features.ClassLabel(names=CLASS_NAMES))}
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
