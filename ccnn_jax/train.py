@@ -151,7 +151,7 @@ def eval_step(
     state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, num_classes: int
 ) -> jax.Array:
     """Confusion matrix (K, K) of argmax predictions at mask resolution (padding ignored)."""
-    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    model = merge_model(graphdef, state)
     logits = upsample_logits(model(batch["image"], train=False), batch["mask"].shape[1:3])
     pred = jnp.argmax(logits, axis=-1)
     return metrics.confusion_matrix(pred, batch["mask"], num_classes, batch["valid"])
@@ -165,7 +165,7 @@ def predict_step(
     P is solved from the batch's tags (and size hints for ``ccnn_size``) for every method, so
     the baselines' figures show what the CCNN constraints would make of their output.
     """
-    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    model = merge_model(graphdef, state)
     logits = model(batch["image"], train=False)
     ccnn_spec = dataclasses.replace(
         spec, method="ccnn_size" if spec.method == "ccnn_size" else "ccnn"
