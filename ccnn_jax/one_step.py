@@ -110,9 +110,11 @@ def _foreground_rows(alpha_K: jax.Array) -> constraints_lib.LinearConstraints:
     """``constraints.foreground(alpha)`` (hard rows, no mask) plus two inert rows."""
     k = alpha_K.shape[0]
     inert = constraints_lib.LinearConstraints(
-        a=jnp.zeros((2, k), jnp.float32), b=jnp.zeros(2, jnp.float32),
-        beta=jnp.full(2, jnp.inf, jnp.float32), mask=jnp.ones(k, bool),
-    )  # fmt: skip
+        a=jnp.zeros((2, k), jnp.float32),
+        b=jnp.zeros(2, jnp.float32),
+        beta=jnp.full(2, jnp.inf, jnp.float32),
+        mask=jnp.ones(k, bool),
+    )
     return constraints_lib.concatenate([constraints_lib.foreground(alpha_K), inert])
 
 

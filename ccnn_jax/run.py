@@ -53,18 +53,14 @@ class TrainOutput:
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
     if config.method not in configs.METHODS:
-        raise ValueError(
-            f"config.method must be one of {configs.METHODS}, got {config.method!r}"
-        )
+        raise ValueError(f"config.method must be one of {configs.METHODS}, got {config.method!r}")
     for name in ("num_steps", "batch_size", "eval_batch_size"):
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
     n = jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % n:
-            raise ValueError(
-                f"config.{name} = {config[name]} must be divisible by the {n} devices"
-            )
+            raise ValueError(f"config.{name} = {config[name]} must be divisible by the {n} devices")
 
 
 def _absolute(workdir: epath.PathLike) -> epath.Path:
@@ -332,9 +328,7 @@ def write_outputs(workdir: epath.Path, results: dict, grid: dict) -> None:
     reporting.write_json(workdir / "results.json", results)
     columns = ["method", "dataset", "miou", "pixel_accuracy", "steps", "seconds"]
     (workdir / "results.md").write_text(
-        reporting.markdown_table([results], columns)
-        + "\n"
-        + reporting.per_class_markdown(results)
+        reporting.markdown_table([results], columns) + "\n" + reporting.per_class_markdown(results)
     )
     title = f"{results['method']} on {results['dataset']}: val mIoU {results['miou']:.3f}"
     class_names = results["class_names"]

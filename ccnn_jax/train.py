@@ -42,9 +42,7 @@ class TrainState:
     opt_state: Any
 
 
-def create_model(
-    config: ml_collections.ConfigDict, num_classes: int, key: jax.Array | int
-) -> UNet:
+def create_model(config: ml_collections.ConfigDict, num_classes: int, key: jax.Array | int) -> UNet:
     """The configured UNet; ``key`` seeds the parameter initialisation."""
     m = config.model
     return UNet(
@@ -183,9 +181,7 @@ def predict_step(
 
 def make_mesh() -> jax.sharding.Mesh:
     """A 1-D ``("data",)`` mesh over all devices (all processes); GSPMD (Auto) axis type."""
-    return jax.make_mesh(
-        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 @dataclasses.dataclass

@@ -45,20 +45,61 @@ from absl import app, flags
 from ccnn_jax import constraints, reference, solve_batch
 
 #: ``--quick``: one tiny size at batch 1 (each shape costs a compile of several seconds).
-QUICK = dict(sizes=[8], batches=[1], repeats=2, cvxpy_max_n=64, cvxpy_images=1,
-             scipy_images=1, seed_side=8, seed_images=1, ref_budget_s=20.0)
+QUICK = dict(
+    sizes=[8],
+    batches=[1],
+    repeats=2,
+    cvxpy_max_n=64,
+    cvxpy_images=1,
+    scipy_images=1,
+    seed_side=8,
+    seed_images=1,
+    ref_budget_s=20.0,
+)
 
-MAIN_COLUMNS = ["N (HxW)", "batch", "method", "mode", "ms/image", "passes", "iters mean",
-                "iters max", "worst gap", "worst viol", "converged", "active", "compile s"]
-REF_COLUMNS = ["problem", "N", "reference", "images", "ref ms/image", "newton ms/image",
-               "ref/newton", "pga ms/image", "ref/pga", "max|P_newton-P_ref|"]
+MAIN_COLUMNS = [
+    "N (HxW)",
+    "batch",
+    "method",
+    "mode",
+    "ms/image",
+    "passes",
+    "iters mean",
+    "iters max",
+    "worst gap",
+    "worst viol",
+    "converged",
+    "active",
+    "compile s",
+]
+REF_COLUMNS = [
+    "problem",
+    "N",
+    "reference",
+    "images",
+    "ref ms/image",
+    "newton ms/image",
+    "ref/newton",
+    "pga ms/image",
+    "ref/pga",
+    "max|P_newton-P_ref|",
+]
 
 
 # ----------------------------------------------------------------------------- problems
 
 
-def smooth_logits(rng: np.random.Generator, b: int, side: int, k: int, *, scale=2.0, grid=5,
-                  label_bias_sd=2.0, background_bias=(0.0, 4.0)) -> np.ndarray:
+def smooth_logits(
+    rng: np.random.Generator,
+    b: int,
+    side: int,
+    k: int,
+    *,
+    scale=2.0,
+    grid=5,
+    label_bias_sd=2.0,
+    background_bias=(0.0, 4.0),
+) -> np.ndarray:
     """Network-like logits (B, side, side, K): smooth random fields plus per-image label biases.
 
     A (grid x grid) Gaussian field per label, bilinearly upsampled and scaled, plus a per-image
@@ -106,8 +147,9 @@ def take(cons, i: int, j: int | None = None):
 # ----------------------------------------------------------------------------- timing
 
 
-def paired_ms(fn: Callable[[], object], ref: Callable[[], object], repeats: int,
-              min_ms: float = 5.0) -> tuple[float, float, float]:
+def paired_ms(
+    fn: Callable[[], object], ref: Callable[[], object], repeats: int, min_ms: float = 5.0
+) -> tuple[float, float, float]:
     """Median ms of ``fn`` and of ``ref``, and the median of their per-repeat ratio, timing the
     two back to back in every repeat so that both see the same load on a shared machine."""
     inner = []
@@ -140,15 +182,22 @@ def default_mode() -> str:
 @functools.cache
 def jitted_solver(method: str, mode: str | None = None):
     """``solve_batch`` under an outer jit, so the eager input checks are not timed."""
-    return jax.jit(functools.partial(solve_batch, method=method,
-                                     sequential=MODES[mode or default_mode()]))
+    return jax.jit(
+        functools.partial(solve_batch, method=method, sequential=MODES[mode or default_mode()])
+    )
 
 
 _log_softmax = jax.jit(jax.nn.log_softmax)
 
 
-def bench_batches(log_q, cons, batches: Sequence[int], methods: Sequence[str], repeats: int,
-                  modes: Sequence[str] = ("sequential", "vmap")):
+def bench_batches(
+    log_q,
+    cons,
+    batches: Sequence[int],
+    methods: Sequence[str],
+    repeats: int,
+    modes: Sequence[str] = ("sequential", "vmap"),
+):
     """Times every (batch, method, mode) on all images; returns rows and per-image batch-1 data
     (of the backend's default mode)."""
     total = log_q.shape[0]
@@ -163,31 +212,38 @@ def bench_batches(log_q, cons, batches: Sequence[int], methods: Sequence[str], r
             jax.block_until_ready(solver(*inputs[0]))
             compile_s = time.perf_counter() - t0
             # each chunk's solve timed back to back with log_softmax over the same logits
-            paired = [paired_ms(lambda x=x, c=c, f=solver: f(x, c),
-                                lambda x=x: _log_softmax(x), repeats) for x, c in inputs]
+            paired = [
+                paired_ms(lambda x=x, c=c, f=solver: f(x, c), lambda x=x: _log_softmax(x), repeats)
+                for x, c in inputs
+            ]
             times = [t for t, _, _ in paired]
             softmax_ms = sum(t for _, t, _ in paired)
             passes = sum(r * t for _, t, r in paired) / softmax_ms
             sols = [solver(x, c) for x, c in inputs]
-            info = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
-                                *[s.info for s in sols])
+            info = jax.tree.map(
+                lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *[s.info for s in sols]
+            )
             lam = np.concatenate([np.asarray(s.lam) for s in sols])
             n_img = len(chunks) * b
-            rows.append({
-                "batch": b, "method": method, "mode": mode,
-                "ms_per_image": sum(times) / n_img,
-                "passes": passes,
-                "softmax_ms_per_image": softmax_ms / n_img,
-                "iters_mean": float(info.iterations.mean()),
-                "iters_max": int(info.iterations.max()),
-                "worst_gap": float(np.max(np.abs(info.gap))),
-                "worst_violation": float(info.max_violation.max()),
-                "converged": float(info.converged.mean()),
-                "feasible": float(info.feasible.mean()),
-                "active": float((np.abs(lam).max(axis=-1) > 0).mean()),
-                "images": n_img,
-                "compile_s": compile_s,
-            })
+            rows.append(
+                {
+                    "batch": b,
+                    "method": method,
+                    "mode": mode,
+                    "ms_per_image": sum(times) / n_img,
+                    "passes": passes,
+                    "softmax_ms_per_image": softmax_ms / n_img,
+                    "iters_mean": float(info.iterations.mean()),
+                    "iters_max": int(info.iterations.max()),
+                    "worst_gap": float(np.max(np.abs(info.gap))),
+                    "worst_violation": float(info.max_violation.max()),
+                    "converged": float(info.converged.mean()),
+                    "feasible": float(info.feasible.mean()),
+                    "active": float((np.abs(lam).max(axis=-1) > 0).mean()),
+                    "images": n_img,
+                    "compile_s": compile_s,
+                }
+            )
             if b == 1 and mode == default_mode():
                 per_image[method] = {
                     "ms": np.asarray(times),
@@ -216,8 +272,12 @@ def bench_reference(name: str, fn, log_q, cons, images: int, budget_s: float, ou
         ref_ms.append((time.perf_counter() - t0) * 1e3)
         diffs.append(float(np.max(np.abs(ours["newton"]["p"][i] - p_ref))))
         done += 1
-    row = {"reference": name, "images": done, "ref_ms_per_image": float(np.mean(ref_ms)),
-           "max_abs_dp_newton": float(max(diffs))}
+    row = {
+        "reference": name,
+        "images": done,
+        "ref_ms_per_image": float(np.mean(ref_ms)),
+        "max_abs_dp_newton": float(max(diffs)),
+    }
     for method in ("newton", "pga"):
         if method in ours:
             mine = float(np.mean(ours[method]["ms"][:done]))
@@ -237,23 +297,39 @@ def scipy_p(log_q, cons, hardness=1.0):
 # ----------------------------------------------------------------------------- driver
 
 
-def run(sizes: Sequence[int], batches: Sequence[int], methods: Sequence[str], *,
-        modes: Sequence[str] = ("sequential", "vmap"), num_classes=21, repeats=5, seed=0,
-        cvxpy_max_n=1600, cvxpy_images=2, scipy_images=4,
-        ref_budget_s=60.0, seed_side=32, seed_classes=11, seed_alpha=0.05, seed_images=3,
-        log: Callable[[str], None] = print) -> dict:
+def run(
+    sizes: Sequence[int],
+    batches: Sequence[int],
+    methods: Sequence[str],
+    *,
+    modes: Sequence[str] = ("sequential", "vmap"),
+    num_classes=21,
+    repeats=5,
+    seed=0,
+    cvxpy_max_n=1600,
+    cvxpy_images=2,
+    scipy_images=4,
+    ref_budget_s=60.0,
+    seed_side=32,
+    seed_classes=11,
+    seed_alpha=0.05,
+    seed_images=3,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Runs the whole benchmark and returns a json-able dict of rows and settings."""
     if not modes or set(modes) - set(MODES):
         raise ValueError(f"modes must be among {list(MODES)}, got {list(modes)}")
     if default_mode() not in modes:
         modes = [default_mode(), *modes]  # the reference comparison uses the default mode
     if "newton" not in methods:
-        raise ValueError(f"methods must include 'newton' (the reference ratios use it), got "
-                         f"{list(methods)}")
+        raise ValueError(
+            f"methods must include 'newton' (the reference ratios use it), got {list(methods)}"
+        )
     bad = [b for b in batches if b < 1]
     if bad or not batches or not sizes or min(sizes) < 2:
-        raise ValueError(f"sizes must be >= 2 and batches >= 1, got sizes={list(sizes)}, "
-                         f"batches={list(batches)}")
+        raise ValueError(
+            f"sizes must be >= 2 and batches >= 1, got sizes={list(sizes)}, batches={list(batches)}"
+        )
     batches = sorted(set(batches))
     if 1 not in batches:
         batches = [1, *batches]  # the reference comparison is per image at batch 1
@@ -269,12 +345,26 @@ def run(sizes: Sequence[int], batches: Sequence[int], methods: Sequence[str], *,
         problem = f"tags K={num_classes}"
         if n <= cvxpy_max_n and cvxpy_images > 0:
             log(f"[bench]   CVXPY/Clarabel on {cvxpy_images} image(s)")
-            ref_rows.append({"problem": problem, "n": n, **bench_reference(
-                "CVXPY+Clarabel", cvxpy_p, log_q, cons, cvxpy_images, ref_budget_s, ours)})
+            ref_rows.append(
+                {
+                    "problem": problem,
+                    "n": n,
+                    **bench_reference(
+                        "CVXPY+Clarabel", cvxpy_p, log_q, cons, cvxpy_images, ref_budget_s, ours
+                    ),
+                }
+            )
         if scipy_images > 0:
             log(f"[bench]   SciPy L-BFGS-B on {scipy_images} image(s)")
-            ref_rows.append({"problem": problem, "n": n, **bench_reference(
-                "SciPy L-BFGS-B", scipy_p, log_q, cons, scipy_images, ref_budget_s, ours)})
+            ref_rows.append(
+                {
+                    "problem": problem,
+                    "n": n,
+                    **bench_reference(
+                        "SciPy L-BFGS-B", scipy_p, log_q, cons, scipy_images, ref_budget_s, ours
+                    ),
+                }
+            )
 
     n = seed_side * seed_side
     log(f"[bench] seed foreground K={seed_classes}, N={n}, alpha={seed_alpha}, batch 1")
@@ -283,24 +373,44 @@ def run(sizes: Sequence[int], batches: Sequence[int], methods: Sequence[str], *,
     seed_main = [{"n": n, "side": seed_side, **r} for r in rows]
     problem = f"seed fg K={seed_classes}"
     seed_refs = [
-        {"problem": problem, "n": n, **bench_reference(
-            "CVXPY+Clarabel", cvxpy_p, log_q, cons, seed_images, ref_budget_s, ours)},
-        {"problem": problem, "n": n, **bench_reference(
-            "SciPy L-BFGS-B", scipy_p, log_q, cons, seed_images, ref_budget_s, ours)},
+        {
+            "problem": problem,
+            "n": n,
+            **bench_reference(
+                "CVXPY+Clarabel", cvxpy_p, log_q, cons, seed_images, ref_budget_s, ours
+            ),
+        },
+        {
+            "problem": problem,
+            "n": n,
+            **bench_reference(
+                "SciPy L-BFGS-B", scipy_p, log_q, cons, seed_images, ref_budget_s, ours
+            ),
+        },
     ]
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]) if sys.argv else "",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
-                   f"on {jax.default_backend()}",
+        f"on {jax.default_backend()}",
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "settings": dict(sizes=list(sizes), batches=list(batches), methods=list(methods),
-                         modes=list(modes),
-                         num_classes=num_classes, repeats=repeats, seed=seed,
-                         cvxpy_max_n=cvxpy_max_n, seed_side=seed_side,
-                         seed_classes=seed_classes, seed_alpha=seed_alpha),
-        "main": main_rows, "references": ref_rows,
-        "seed_main": seed_main, "seed_references": seed_refs,
+        "settings": dict(
+            sizes=list(sizes),
+            batches=list(batches),
+            methods=list(methods),
+            modes=list(modes),
+            num_classes=num_classes,
+            repeats=repeats,
+            seed=seed,
+            cvxpy_max_n=cvxpy_max_n,
+            seed_side=seed_side,
+            seed_classes=seed_classes,
+            seed_alpha=seed_alpha,
+        ),
+        "main": main_rows,
+        "references": ref_rows,
+        "seed_main": seed_main,
+        "seed_references": seed_refs,
         "headline": headline(main_rows, seed_refs),
     }
 
@@ -312,9 +422,11 @@ def headline(main_rows, seed_refs) -> dict:
     if big:
         top = max(r["batch"] for r in big)
         out["newton_passes_n4096"] = {
-            "batch": top, "target": 10.0,
+            "batch": top,
+            "target": 10.0,
             "passes": {r["mode"]: r["passes"] for r in big if r["batch"] == top},
-            "default_mode": default_mode()}
+            "default_mode": default_mode(),
+        }
     for ref in seed_refs:
         key = "cvxpy" if ref["reference"].startswith("CVXPY") else "scipy"
         out[f"seed_speedup_vs_{key}"] = ref["ref_over_newton"]
@@ -339,68 +451,122 @@ def _table(columns, rows) -> list[str]:
 
 
 def _main_cells(r) -> list[str]:
-    return [f"{r['n']} ({r['side']}x{r['side']})", str(r["batch"]), r["method"], r["mode"],
-            _g(r["ms_per_image"]), _g(r["passes"]), f"{r['iters_mean']:.1f}",
-            str(r["iters_max"]), _g(r["worst_gap"]), _g(r["worst_violation"]),
-            f"{r['converged']:.2f}", f"{r['active']:.2f}", f"{r['compile_s']:.1f}"]
+    return [
+        f"{r['n']} ({r['side']}x{r['side']})",
+        str(r["batch"]),
+        r["method"],
+        r["mode"],
+        _g(r["ms_per_image"]),
+        _g(r["passes"]),
+        f"{r['iters_mean']:.1f}",
+        str(r["iters_max"]),
+        _g(r["worst_gap"]),
+        _g(r["worst_violation"]),
+        f"{r['converged']:.2f}",
+        f"{r['active']:.2f}",
+        f"{r['compile_s']:.1f}",
+    ]
 
 
 def _ref_cells(r) -> list[str]:
     def opt(key):
         return _g(r[key]) if key in r else "-"
 
-    ratio = lambda key: (f"{r[key]:.0f}x" if r[key] >= 10 else f"{r[key]:.2g}x") if key in r \
-        else "-"  # noqa: E731
-    return [r["problem"], str(r["n"]), r["reference"], str(r["images"]),
-            _g(r["ref_ms_per_image"]), opt("newton_ms_per_image"), ratio("ref_over_newton"),
-            opt("pga_ms_per_image"), ratio("ref_over_pga"), _g(r["max_abs_dp_newton"])]
+    ratio = lambda key: (
+        (f"{r[key]:.0f}x" if r[key] >= 10 else f"{r[key]:.2g}x") if key in r else "-"
+    )  # noqa: E731
+    return [
+        r["problem"],
+        str(r["n"]),
+        r["reference"],
+        str(r["images"]),
+        _g(r["ref_ms_per_image"]),
+        opt("newton_ms_per_image"),
+        ratio("ref_over_newton"),
+        opt("pga_ms_per_image"),
+        ratio("ref_over_pga"),
+        _g(r["max_abs_dp_newton"]),
+    ]
 
 
 def to_markdown(res: dict) -> str:
     """The results as markdown: main table, references table, the seed problem, headline."""
     s = res["settings"]
-    lines = [f"Solver benchmark, {res['date']}, {res['machine']}, load average at end "
-             f"{', '.join(f'{x:.2f}' for x in res['load_average'] or [])}.", "",
-             f"Tag constraints (`constraints.from_tags`, K={s['num_classes']}), jitted "
-             f"`solve_batch`, median of {s['repeats']} repeats, compile excluded; passes = solve "
-             "time / one jitted `log_softmax` over the same batch (median of per-repeat ratios, "
-             "timed back to back); active = fraction of images "
-             "with lambda != 0 (P != Q).", ""]
+    lines = [
+        f"Solver benchmark, {res['date']}, {res['machine']}, load average at end "
+        f"{', '.join(f'{x:.2f}' for x in res['load_average'] or [])}.",
+        "",
+        f"Tag constraints (`constraints.from_tags`, K={s['num_classes']}), jitted "
+        f"`solve_batch`, median of {s['repeats']} repeats, compile excluded; passes = solve "
+        "time / one jitted `log_softmax` over the same batch (median of per-repeat ratios, "
+        "timed back to back); active = fraction of images "
+        "with lambda != 0 (P != Q).",
+        "",
+    ]
     lines += _table(MAIN_COLUMNS, [_main_cells(r) for r in res["main"]])
-    lines += ["", f"Seed's foreground problem (K={s['seed_classes']}, "
-              f"alpha={s['seed_alpha']} hard, batch 1):", ""]
+    lines += [
+        "",
+        f"Seed's foreground problem (K={s['seed_classes']}, "
+        f"alpha={s['seed_alpha']} hard, batch 1):",
+        "",
+    ]
     lines += _table(MAIN_COLUMNS, [_main_cells(r) for r in res["seed_main"]])
-    lines += ["", "References (CPU, float64) on the same problems; ours at batch 1 on the same "
-              "images:", ""]
-    lines += _table(REF_COLUMNS, [_ref_cells(r) for r in res["references"] +
-                                  res["seed_references"]])
+    lines += [
+        "",
+        "References (CPU, float64) on the same problems; ours at batch 1 on the same images:",
+        "",
+    ]
+    lines += _table(
+        REF_COLUMNS, [_ref_cells(r) for r in res["references"] + res["seed_references"]]
+    )
     h = res["headline"]
     lines += [""]
     if "newton_passes_n4096" in h:
         p = h["newton_passes_n4096"]
-        modes = ", ".join(f"{v:.1f} {k}" + (" (default here)" if k == p["default_mode"] else "")
-                          for k, v in p["passes"].items())
-        lines.append(f"- newton, batch {p['batch']}, N=4096, K={s['num_classes']}: passes "
-                     f"{modes} (target <= {p['target']:.0f}).")
-    lines.append(f"- seed problem: newton {h['seed_speedup_vs_cvxpy']:.0f}x faster than "
-                 f"CVXPY/Clarabel (target >= 1000x), {h['seed_speedup_vs_scipy']:.0f}x faster "
-                 "than SciPy L-BFGS-B.")
+        modes = ", ".join(
+            f"{v:.1f} {k}" + (" (default here)" if k == p["default_mode"] else "")
+            for k, v in p["passes"].items()
+        )
+        lines.append(
+            f"- newton, batch {p['batch']}, N=4096, K={s['num_classes']}: passes "
+            f"{modes} (target <= {p['target']:.0f})."
+        )
+    lines.append(
+        f"- seed problem: newton {h['seed_speedup_vs_cvxpy']:.0f}x faster than "
+        f"CVXPY/Clarabel (target >= 1000x), {h['seed_speedup_vs_scipy']:.0f}x faster "
+        "than SciPy L-BFGS-B."
+    )
     return "\n".join(lines) + "\n"
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    kw = dict(repeats=f.repeats, cvxpy_max_n=f.cvxpy_max_n, cvxpy_images=f.cvxpy_images,
-              scipy_images=f.scipy_images, ref_budget_s=f.ref_budget_s, seed_side=f.seed_side,
-              seed_images=f.seed_images)
+    kw = dict(
+        repeats=f.repeats,
+        cvxpy_max_n=f.cvxpy_max_n,
+        cvxpy_images=f.cvxpy_images,
+        scipy_images=f.scipy_images,
+        ref_budget_s=f.ref_budget_s,
+        seed_side=f.seed_side,
+        seed_images=f.seed_images,
+    )
     sizes = [int(x) for x in f.sizes]
     batches = [int(x) for x in f.batches]
     if f.quick:
         kw.update({k: v for k, v in QUICK.items() if k not in ("sizes", "batches")})
         sizes, batches = QUICK["sizes"], QUICK["batches"]
-    res = run(sizes, batches, f.methods, modes=f.modes, num_classes=f.num_classes, seed=f.seed,
-              seed_classes=f.seed_classes, seed_alpha=f.seed_alpha, **kw)
+    res = run(
+        sizes,
+        batches,
+        f.methods,
+        modes=f.modes,
+        num_classes=f.num_classes,
+        seed=f.seed,
+        seed_classes=f.seed_classes,
+        seed_alpha=f.seed_alpha,
+        **kw,
+    )
     md = to_markdown(res)
     print(md)
     if f.out:
@@ -412,22 +578,29 @@ def main(argv):
         print(f"[bench] wrote {f.out}.json and {f.out}.md")
 
 
-
 def _define_flags():
     """CLI flags, defined only when run as a script (importing this module defines none)."""
     flags.DEFINE_list("sizes", ["40", "64", "128"], "Image side lengths H = W (N = side^2).")
     flags.DEFINE_list("batches", ["1", "32"], "Batch sizes; the largest is the number of problems.")
     flags.DEFINE_list("methods", ["newton", "pga"], "Solver methods to time.")
-    flags.DEFINE_list("modes", ["sequential", "vmap"], "solve_batch modes to time: 'sequential' "
-                      "(lax.map, the CPU default) and/or 'vmap' (the accelerator default).")
+    flags.DEFINE_list(
+        "modes",
+        ["sequential", "vmap"],
+        "solve_batch modes to time: 'sequential' "
+        "(lax.map, the CPU default) and/or 'vmap' (the accelerator default).",
+    )
     flags.DEFINE_integer("num_classes", 21, "K for the tag-constraint problems (VOC: 21).")
     flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (the median is reported).")
     flags.DEFINE_integer("seed", 0, "Seed of the random problems.")
     flags.DEFINE_integer("cvxpy_max_n", 1600, "Largest N on which CVXPY/Clarabel is run.")
     flags.DEFINE_integer("cvxpy_images", 2, "Images per size solved with CVXPY/Clarabel.")
     flags.DEFINE_integer("scipy_images", 4, "Images per size solved with SciPy L-BFGS-B.")
-    flags.DEFINE_float("ref_budget_s", 60.0, "Time budget per reference and size; no new image "
-                       "is started once it is spent (at least one image always runs).")
+    flags.DEFINE_float(
+        "ref_budget_s",
+        60.0,
+        "Time budget per reference and size; no new image "
+        "is started once it is spent (at least one image always runs).",
+    )
     flags.DEFINE_integer("seed_side", 32, "Side of the seed's foreground problem (N = side^2).")
     flags.DEFINE_integer("seed_classes", 11, "K of the seed's foreground problem.")
     flags.DEFINE_float("seed_alpha", 0.05, "Hard lower bound per label of the seed's problem.")

@@ -49,8 +49,10 @@ def _train_cached(train_config, workdir: epath.Path, stop_step: int, progress: b
     error (delete the directory to retrain) rather than silently mixing two runs.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    record = {"train_config": json.loads(json.dumps(train_config.to_dict())),
-              "stop_step": stop_step}  # fmt: skip
+    record = {
+        "train_config": json.loads(json.dumps(train_config.to_dict())),
+        "stop_step": stop_step,
+    }
     record_path = workdir / "one_step_train_config.json"
     if record_path.exists():
         stored = json.loads(record_path.read_text())
@@ -66,8 +68,9 @@ def _train_cached(train_config, workdir: epath.Path, stop_step: int, progress: b
     ckpt.close()
     if done > stop_step:
         raise ValueError(f"{workdir}/checkpoints holds step {done} > the requested {stop_step}")
-    out = run_lib.train(train_config, workdir, max_steps_this_run=stop_step - done,
-                          progress=progress)  # fmt: skip
+    out = run_lib.train(
+        train_config, workdir, max_steps_this_run=stop_step - done, progress=progress
+    )
     step = int(jax.device_get(out.state.step))
     if step != stop_step:
         raise RuntimeError(f"training in {workdir} ended at step {step}, expected {stop_step}")
@@ -105,8 +108,13 @@ def _kl_stats(log_full, log_under, p, weight, *, epsilon):
     kl_fp, _ = one_step.kl_per_image(log_full, one_step.smoothed_log(p, epsilon), weight)
     kl_pf, _ = one_step.kl_per_image(log_p, one_step.smoothed_log(q_full, epsilon), weight)
     kl_uf, _ = one_step.kl_per_image(log_under, one_step.smoothed_log(q_full, epsilon), weight)
-    return {"kl_full_under": kl_fu, "kl_full_latent": kl_fp, "kl_latent_full": kl_pf,
-            "kl_under_full": kl_uf, "count": count}  # fmt: skip
+    return {
+        "kl_full_under": kl_fu,
+        "kl_full_latent": kl_fp,
+        "kl_latent_full": kl_pf,
+        "kl_under_full": kl_uf,
+        "count": count,
+    }
 
 
 class _Accumulator:
@@ -122,16 +130,19 @@ class _Accumulator:
             self.values.setdefault(name, []).append(np.asarray(v)[keep])
 
     def add_confusion(self, pred, mask, valid):
-        c = metrics.confusion_matrix(jnp.asarray(pred), jnp.asarray(mask), self.k,
-                                     jnp.asarray(valid))  # fmt: skip
+        c = metrics.confusion_matrix(
+            jnp.asarray(pred), jnp.asarray(mask), self.k, jnp.asarray(valid)
+        )
         self.confusion += np.asarray(c, np.int64)
 
     def cat(self, name) -> np.ndarray:
         return np.concatenate(self.values[name])
 
     def segmentation(self) -> dict:
-        return {"pixel_accuracy": metrics.pixel_accuracy(self.confusion),
-                "miou": metrics.mean_iou(self.confusion)}  # fmt: skip
+        return {
+            "pixel_accuracy": metrics.pixel_accuracy(self.confusion),
+            "miou": metrics.mean_iou(self.confusion),
+        }
 
 
 # ----------------------------------------------------------------------------- CVXPY reference
@@ -165,10 +176,15 @@ def _compare_cvxpy(config, workdir, log_q_under_BxHxWxK, cons_B, valid_B) -> dic
     s = int(config.cvxpy_max_side)
     index = [i for i in range(len(valid_B)) if valid_B[i] > 0][: int(config.cvxpy_images)]
     if len(index) < int(config.cvxpy_images):
-        raise ValueError(f"config.cvxpy_images = {config.cvxpy_images} exceeds the "
-                         f"{len(index)} valid images of the first validation batch")  # fmt: skip
-    kwargs = {"method": config.solver.method, "tol": config.solver.tol,
-              "max_iter": config.solver.max_iter}  # fmt: skip
+        raise ValueError(
+            f"config.cvxpy_images = {config.cvxpy_images} exceeds the "
+            f"{len(index)} valid images of the first validation batch"
+        )
+    kwargs = {
+        "method": config.solver.method,
+        "tol": config.solver.tol,
+        "max_iter": config.solver.max_iter,
+    }
     ours_s, cvx_s, diffs, cached = [], [], [], []
     for i in index:
         log_q = jnp.asarray(log_q_under_BxHxWxK[i, :s, :s])
@@ -214,15 +230,20 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
             raise ValueError(f"config.variants: {v!r} is not one of {one_step.VARIANTS}")
     for name in ("default_variant", "cvxpy_variant"):
         if config[name] not in variants:
-            raise ValueError(f"config.{name} = {config[name]!r} must be one of config.variants "
-                             f"{variants}")  # fmt: skip
+            raise ValueError(
+                f"config.{name} = {config[name]!r} must be one of config.variants {variants}"
+            )
     if not 0 < int(config.under_steps) < int(config.full_steps):
-        raise ValueError(f"need 0 < config.under_steps ({config.under_steps}) < "
-                         f"config.full_steps ({config.full_steps})")  # fmt: skip
+        raise ValueError(
+            f"need 0 < config.under_steps ({config.under_steps}) < "
+            f"config.full_steps ({config.full_steps})"
+        )
     tc = config.train
     if int(tc.num_steps) != int(config.full_steps):
-        raise ValueError(f"config.train.num_steps ({tc.num_steps}) must equal config.full_steps "
-                         f"({config.full_steps})")  # fmt: skip
+        raise ValueError(
+            f"config.train.num_steps ({tc.num_steps}) must equal config.full_steps "
+            f"({config.full_steps})"
+        )
 
     t0 = time.time()
     under = _train_cached(tc, workdir / "under", int(config.under_steps), progress)
@@ -233,12 +254,21 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
     log_q_under_fn, log_q_full_fn = _log_probs_fn(under), _log_probs_fn(full)
 
     loader = pipeline.make_loader(
-        tc.dataset, "validation", data_dir=tc.data_dir,
-        batch_size=int(config.eval_batch_size), image_size=tuple(tc.image_size), train=False,
-        seed=int(tc.seed), num_epochs=1, shard_by_process=False,
-    )  # fmt: skip
-    solver_kwargs = {"method": config.solver.method, "tol": float(config.solver.tol),
-                     "max_iter": int(config.solver.max_iter)}  # fmt: skip
+        tc.dataset,
+        "validation",
+        data_dir=tc.data_dir,
+        batch_size=int(config.eval_batch_size),
+        image_size=tuple(tc.image_size),
+        train=False,
+        seed=int(tc.seed),
+        num_epochs=1,
+        shard_by_process=False,
+    )
+    solver_kwargs = {
+        "method": config.solver.method,
+        "tol": float(config.solver.tol),
+        "max_iter": int(config.solver.max_iter),
+    }
     base = _Accumulator(k)  # KL(full || under), Q_under / Q_full segmentation
     base_full = _Accumulator(k)
     acc = {v: _Accumulator(k) for v in variants}
@@ -257,34 +287,47 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
         latents = {}
         for v in variants:
             cons = _constraints(
-                v, {"tags": batch["tags"], "mask": batch["mask"]}, num_classes=k,
+                v,
+                {"tags": batch["tags"], "mask": batch["mask"]},
+                num_classes=k,
                 background=meta.background,
                 tags_fraction=float(config.tags_alpha),
                 oracle_fraction=float(config.oracle_fraction),
-            )  # fmt: skip
+            )
             if v not in compiled:  # compile once (same shapes for every batch), not timed
                 jax.block_until_ready(solve_batch(lq_u, cons, **solver_kwargs))
                 compiled.add(v)
             ts = time.perf_counter()
             sol = jax.block_until_ready(solve_batch(lq_u, cons, **solver_kwargs))
             solve_seconds[v] += time.perf_counter() - ts
-            stats = jax.device_get(_kl_stats(lq_f, lq_u, sol.p, weight,
-                                             epsilon=float(config.kl_epsilon)))  # fmt: skip
+            stats = jax.device_get(
+                _kl_stats(lq_f, lq_u, sol.p, weight, epsilon=float(config.kl_epsilon))
+            )
             keep = (np.asarray(batch["valid"]) > 0) & (stats["count"] > 0)
             info = jax.device_get(sol.info)
             active = np.asarray(jax.device_get(sol.lam) > 0).any(axis=-1)
-            acc[v].add(keep, **stats, converged=info.converged, gap=info.gap,
-                       violation=info.max_violation, iterations=info.iterations,
-                       active=active)  # fmt: skip
+            acc[v].add(
+                keep,
+                **stats,
+                converged=info.converged,
+                gap=info.gap,
+                violation=info.max_violation,
+                iterations=info.iterations,
+                active=active,
+            )
             acc[v].add_confusion(jnp.argmax(sol.p, -1), batch["mask"], batch["valid"])
             latents[v] = sol.p
             if v == config.cvxpy_variant and cvxpy_result is None and config.cvxpy_images > 0:
-                cvxpy_result = _compare_cvxpy(config, workdir, np.asarray(lq_u), cons,
-                                              np.asarray(batch["valid"]))  # fmt: skip
+                cvxpy_result = _compare_cvxpy(
+                    config, workdir, np.asarray(lq_u), cons, np.asarray(batch["valid"])
+                )
         if figure is None:
             n = min(int(config.num_figure_images), int(np.sum(batch["valid"])))
-            figure = {"input": batch["image"][:n], "ground truth": batch["mask"][:n],
-                      "under-trained": np.asarray(jnp.argmax(lq_u, -1))[:n]}  # fmt: skip
+            figure = {
+                "input": batch["image"][:n],
+                "ground truth": batch["mask"][:n],
+                "under-trained": np.asarray(jnp.argmax(lq_u, -1))[:n],
+            }
             for v in variants:
                 figure[f"latent P ({v})"] = np.asarray(jnp.argmax(latents[v], -1))[:n]
             figure["fully trained"] = np.asarray(jnp.argmax(lq_f, -1))[:n]
@@ -301,8 +344,11 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
         kl_fp = one_step.mean_over_images(a.cat("kl_full_latent"), count)
         kl_pf = one_step.mean_over_images(a.cat("kl_latent_full"), count)
         per_variant[v] = {
-            "constraints": one_step.describe(v, tags_fraction=float(config.tags_alpha),
-                                             oracle_fraction=float(config.oracle_fraction)),
+            "constraints": one_step.describe(
+                v,
+                tags_fraction=float(config.tags_alpha),
+                oracle_fraction=float(config.oracle_fraction),
+            ),
             "kl_full_latent": kl_fp,
             "reduction": one_step.reduction(kl_fp, kl_full_under),
             "kl_latent_full": kl_pf,
@@ -317,7 +363,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
                 "max_iterations": int(a.cat("iterations").max()),
                 "batched_ms_per_image": 1e3 * solve_seconds[v] / images_solved,
             },
-        }  # fmt: skip
+        }
     results = {
         "dataset": tc.dataset,
         "num_images": int(acc[d].cat("count").size),
@@ -332,9 +378,12 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
         "full": base_full.segmentation(),
         "variants": per_variant,
         "cvxpy": cvxpy_result,
-        "seconds": {"train": round(train_seconds, 2), "evaluate_and_solve": round(eval_seconds, 2),
-                    "train_under_recorded": round(under.seconds, 2),
-                    "train_full_recorded": round(full.seconds, 2)},  # fmt: skip
+        "seconds": {
+            "train": round(train_seconds, 2),
+            "evaluate_and_solve": round(eval_seconds, 2),
+            "train_under_recorded": round(under.seconds, 2),
+            "train_full_recorded": round(full.seconds, 2),
+        },
         "images_solved_per_variant": images_solved,
         "solve_batch_size": int(config.eval_batch_size),
         "devices": [str(dev) for dev in jax.devices()],
@@ -343,33 +392,64 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
     results["seconds"]["total"] = round(time.time() - t_start, 2)
     reporting.write_json(workdir / "results.json", results)
     (workdir / "results.md").write_text(markdown(results))
-    title = (f"{tc.dataset}: latent P ({d}) from the under-trained net, "
-             f"KL reduction {results['reduction']:.1%}")  # fmt: skip
+    title = (
+        f"{tc.dataset}: latent P ({d}) from the under-trained net, "
+        f"KL reduction {results['reduction']:.1%}"
+    )
     reporting.save_grid(workdir / "latent.png", figure, class_names=meta.class_names, title=title)
     return results
 
 
 def table_rows(results: dict) -> list[dict]:
     """One row per map: Q_under, P of each variant, Q_full."""
-    rows = [{"map": f"Q_under (step {results['under_steps']})",
-             "KL(Q_full‖·)": results["kl_full_under"], "reduction": 0.0,
-             "KL(·‖Q_full)": results["kl_under_full"], **results["under"]}]  # fmt: skip
+    rows = [
+        {
+            "map": f"Q_under (step {results['under_steps']})",
+            "KL(Q_full‖·)": results["kl_full_under"],
+            "reduction": 0.0,
+            "KL(·‖Q_full)": results["kl_under_full"],
+            **results["under"],
+        }
+    ]
     for v, r in results["variants"].items():
-        rows.append({"map": f"P `{v}`", "KL(Q_full‖·)": r["kl_full_latent"],
-                     "reduction": r["reduction"], "KL(·‖Q_full)": r["kl_latent_full"],
-                     "pixel_accuracy": r["pixel_accuracy"], "miou": r["miou"],
-                     "converged": r["solver"]["converged_fraction"],
-                     "active": r["solver"]["active_fraction"],
-                     "max gap": f"{r['solver']['max_gap']:.1e}",
-                     "ms/image": r["solver"]["batched_ms_per_image"]})  # fmt: skip
-    rows.append({"map": f"Q_full (step {results['full_steps']})", "KL(Q_full‖·)": 0.0,
-                 "KL(·‖Q_full)": 0.0, **results["full"]})  # fmt: skip
+        rows.append(
+            {
+                "map": f"P `{v}`",
+                "KL(Q_full‖·)": r["kl_full_latent"],
+                "reduction": r["reduction"],
+                "KL(·‖Q_full)": r["kl_latent_full"],
+                "pixel_accuracy": r["pixel_accuracy"],
+                "miou": r["miou"],
+                "converged": r["solver"]["converged_fraction"],
+                "active": r["solver"]["active_fraction"],
+                "max gap": f"{r['solver']['max_gap']:.1e}",
+                "ms/image": r["solver"]["batched_ms_per_image"],
+            }
+        )
+    rows.append(
+        {
+            "map": f"Q_full (step {results['full_steps']})",
+            "KL(Q_full‖·)": 0.0,
+            "KL(·‖Q_full)": 0.0,
+            **results["full"],
+        }
+    )
     return rows
 
 
 def markdown(results: dict) -> str:
-    columns = ["map", "KL(Q_full‖·)", "reduction", "KL(·‖Q_full)", "pixel_accuracy", "miou",
-               "active", "converged", "max gap", "ms/image"]  # fmt: skip
+    columns = [
+        "map",
+        "KL(Q_full‖·)",
+        "reduction",
+        "KL(·‖Q_full)",
+        "pixel_accuracy",
+        "miou",
+        "active",
+        "converged",
+        "max gap",
+        "ms/image",
+    ]
     text = reporting.markdown_table(table_rows(results), columns)
     c = results.get("cvxpy")
     if c:
@@ -384,6 +464,7 @@ def markdown(results: dict) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -394,8 +475,10 @@ def main(argv):
     results = run(config, workdir)
     print(markdown(results))
     print(json.dumps({k: results[k] for k in ("kl_full_under", "kl_full_latent", "reduction")}))
-    print(f"total {results['seconds']['total']:.1f} s; written to "
-          f"{os.path.join(workdir, 'results.json')}")  # fmt: skip
+    print(
+        f"total {results['seconds']['total']:.1f} s; written to "
+        f"{os.path.join(workdir, 'results.json')}"
+    )
 
 
 def _define_flags():

@@ -166,8 +166,15 @@ def test_shard_by_process_single_process_sees_everything(data_dir):
 
 def test_clear_errors(data_dir, tmp_path):
     with pytest.raises(ValueError, match="name: unknown dataset 'no_such_dataset'"):
-        pipeline.make_loader("no_such_dataset", "train", data_dir=data_dir, batch_size=2,
-                             image_size=(8, 8), train=True, seed=0)  # fmt: skip
+        pipeline.make_loader(
+            "no_such_dataset",
+            "train",
+            data_dir=data_dir,
+            batch_size=2,
+            image_size=(8, 8),
+            train=True,
+            seed=0,
+        )
     with pytest.raises(ValueError, match="split: 'test' is not a split"):
         _loader(data_dir, "test")
     with pytest.raises(ValueError, match="not prepared"):  # empty data_dir

@@ -82,9 +82,9 @@ def test_class_frequencies_and_object_sizes(scenes):
     assert fg.max() < 2.0 * fg.min(), f"class frequencies too unbalanced: {fg}"
     objects = [len(s.object_classes) for s in scenes]
     assert set(objects) == {1, 2, 3}
-    frac = np.array([
-        np.mean(s.instances == j) for s in scenes for j in range(len(s.object_classes))
-    ])  # fmt: skip
+    frac = np.array(
+        [np.mean(s.instances == j) for s in scenes for j in range(len(s.object_classes))]
+    )
     assert frac.min() > 0  # every object keeps visible pixels
     assert np.mean(frac < 0.05) > 0.2 and np.mean(frac > 0.1) > 0.2
     # large hints match the masks and occur for foreground classes
@@ -122,8 +122,9 @@ def test_mean_object_colour_does_not_predict_class(scenes):
             fill.append(len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
     fill = np.array(fill)[:, None]
     c_fill = np.stack([fill[:half][labels[:half] == c].mean(0) for c in range(1, K)])
-    acc_fill = np.mean(((fill[half:, None] - c_fill[None]) ** 2).sum(-1).argmin(1) + 1
-                       == labels[half:])  # fmt: skip
+    acc_fill = np.mean(
+        ((fill[half:, None] - c_fill[None]) ** 2).sum(-1).argmin(1) + 1 == labels[half:]
+    )
     assert acc_fill > acc + 0.05
 
 
@@ -131,8 +132,12 @@ def test_context_bias(scenes):
     for name, texture in synthetic.CONTEXT_TEXTURE.items():
         cls = synthetic.CLASS_NAMES.index(name)
         with_cls = [s.background == texture for s in scenes if cls in s.object_classes]
-        without = [s.background == texture for s in scenes if not set(s.object_classes) & {
-            synthetic.CLASS_NAMES.index(n) for n in synthetic.CONTEXT_TEXTURE}]
+        without = [
+            s.background == texture
+            for s in scenes
+            if not set(s.object_classes)
+            & {synthetic.CLASS_NAMES.index(n) for n in synthetic.CONTEXT_TEXTURE}
+        ]
         assert np.mean(with_cls) > 0.6, name
         assert np.mean(without) < 0.15, name
 

@@ -47,9 +47,7 @@ PREPARE_SOURCE = (
 def pet_lut(species: int, name: str = "example") -> np.ndarray:
     """Trimap value -> class index for a pet of ``species`` (0 = Cat, 1 = Dog)."""
     if species not in (0, 1):
-        raise checks.BadInputError(
-            f"{name}: species must be 0 (Cat) or 1 (Dog), got {species!r}"
-        )
+        raise checks.BadInputError(f"{name}: species must be 0 (Cat) or 1 (Dog), got {species!r}")
     lut = np.full(256, checks.UNKNOWN, np.int16)
     lut[TRIMAP_PET] = 1 + species
     lut[TRIMAP_BACKGROUND] = 0

@@ -103,9 +103,13 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
 
 
 def _sample(
-    image_hxwx3: np.ndarray, mask_hxw: np.ndarray, out_hw: tuple[int, int],
-    scale: float, offset_yx: tuple[float, float], flip: bool,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    image_hxwx3: np.ndarray,
+    mask_hxw: np.ndarray,
+    out_hw: tuple[int, int],
+    scale: float,
+    offset_yx: tuple[float, float],
+    flip: bool,
+) -> tuple[np.ndarray, np.ndarray]:
     """Affine resample (scale, offset, optional h-flip) to ``out_hw``: image bilinear, mask nearest.
 
     Returns image float32 (H, W, 3) in [0, 255] and mask uint8 (H, W); out-of-source pixels are
@@ -293,9 +297,12 @@ def make_loader(
         grain.ShardByJaxProcess(drop_remainder=train) if shard_by_process else grain.NoSharding()
     )
     sampler = grain.IndexSampler(
-        num_records=len(source), shard_options=shard, shuffle=train,
-        num_epochs=num_epochs, seed=seed,
-    )  # fmt: skip
+        num_records=len(source),
+        shard_options=shard,
+        shuffle=train,
+        num_epochs=num_epochs,
+        seed=seed,
+    )
     transform = (_TrainTransform if train else _EvalTransform)(image_size, meta.num_classes)
     batch = grain.Batch(
         batch_size=batch_size, drop_remainder=train, batch_fn=_PadAndStack(batch_size)
@@ -306,6 +313,9 @@ def make_loader(
     # One reader thread: grain's default (16 threads) costs ~1.5x the CPU per batch on 2 cores.
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(16, 2 * batch_size))
     return grain.DataLoader(
-        data_source=source, sampler=sampler, operations=[transform, batch],
-        worker_count=worker_count, read_options=read,
-    )  # fmt: skip
+        data_source=source,
+        sampler=sampler,
+        operations=[transform, batch],
+        worker_count=worker_count,
+        read_options=read,
+    )

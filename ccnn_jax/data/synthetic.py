@@ -28,8 +28,16 @@ import tensorflow_datasets as tfds
 from ccnn_jax.data import common
 
 CLASS_NAMES = (
-    "background", "disk", "square", "triangle", "star", "cross", "ring", "crescent", "bar",
-)  # fmt: skip
+    "background",
+    "disk",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "crescent",
+    "bar",
+)
 """Class 0 is background; classes 1..8 are shapes."""
 
 OBJECT_TEXTURES = ("plain", "gradient", "stripes", "checker", "blotches", "dots")
@@ -158,8 +166,12 @@ def _texture(rng: np.random.Generator, kind: str, yy: np.ndarray, xx: np.ndarray
         gy, gx = yy * n, xx * n
         iy, ix = np.clip(gy.astype(int), 0, n - 1), np.clip(gx.astype(int), 0, n - 1)
         fy, fx = gy - iy, gx - ix
-        val = (grid[iy, ix] * (1 - fy) * (1 - fx) + grid[iy + 1, ix] * fy * (1 - fx)
-               + grid[iy, ix + 1] * (1 - fy) * fx + grid[iy + 1, ix + 1] * fy * fx)  # fmt: skip
+        val = (
+            grid[iy, ix] * (1 - fy) * (1 - fx)
+            + grid[iy + 1, ix] * fy * (1 - fx)
+            + grid[iy, ix + 1] * (1 - fy) * fx
+            + grid[iy + 1, ix + 1] * fy * fx
+        )
         return np.clip((val - 0.5) * 3 + 0.5, 0, 1)
     if kind == "dots":
         f = rng.uniform(4, 9)
@@ -345,14 +357,18 @@ class CcnnSynthetic(common.SegmentationBuilder):
         SyntheticConfig(
             name="default",
             description="64x64, 4000 train / 500 validation images.",
-            image_size=64, num_train=4000, num_validation=500,
+            image_size=64,
+            num_train=4000,
+            num_validation=500,
         ),
         SyntheticConfig(
             name="tiny",
             description="32x32, 48 train / 16 validation images (for tests).",
-            image_size=32, num_train=48, num_validation=16,
+            image_size=32,
+            num_train=48,
+            num_validation=16,
         ),
-    ]  # fmt: skip
+    ]
     DEFAULT_CONFIG_NAME = "default"
 
     def extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
