@@ -96,6 +96,41 @@ REF_COLUMNS = [
 # ----------------------------------------------------------------------------- driver
 
 
+def _checked(sizes, batches, methods, modes) -> tuple[list[int], list[str]]:
+    """Validates the arguments of :func:`run`; returns the batches and modes to time."""
+    if not modes or set(modes) - set(MODES):
+        raise ValueError(f"modes must be among {list(MODES)}, got {list(modes)}")
+    if default_mode() not in modes:
+        modes = [default_mode(), *modes]  # the reference comparison uses the default mode
+    if "newton" not in methods:
+        raise ValueError(
+            f"methods must include 'newton' (the reference ratios use it), got {list(methods)}"
+        )
+    bad = [b for b in batches if b < 1]
+    if bad or not batches or not sizes or min(sizes) < 2:
+        raise ValueError(
+            f"sizes must be >= 2 and batches >= 1, got sizes={list(sizes)}, batches={list(batches)}"
+        )
+    batches = sorted(set(batches))
+    if 1 not in batches:
+        batches = [1, *batches]  # the reference comparison is per image at batch 1
+    return batches, list(modes)
+
+
+_REFERENCES = {"CVXPY+Clarabel": cvxpy_p, "SciPy L-BFGS-B": scipy_p}
+
+
+def _reference_rows(problem, n, images: dict[str, int], log_q, cons, budget_s, ours, log):
+    """One row per reference in ``images`` (name -> number of images; 0 skips it)."""
+    rows = []
+    for name, count in images.items():
+        if count > 0:
+            log(f"[bench]   {name} on {count} image(s)")
+            row = bench_reference(name, _REFERENCES[name], log_q, cons, count, budget_s, ours)
+            rows.append({"problem": problem, "n": n, **row})
+    return rows
+
+
 def run(
     sizes: Sequence[int],
     batches: Sequence[int],
@@ -116,22 +151,7 @@ def run(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Runs the whole benchmark and returns a json-able dict of rows and settings."""
-    if not modes or set(modes) - set(MODES):
-        raise ValueError(f"modes must be among {list(MODES)}, got {list(modes)}")
-    if default_mode() not in modes:
-        modes = [default_mode(), *modes]  # the reference comparison uses the default mode
-    if "newton" not in methods:
-        raise ValueError(
-            f"methods must include 'newton' (the reference ratios use it), got {list(methods)}"
-        )
-    bad = [b for b in batches if b < 1]
-    if bad or not batches or not sizes or min(sizes) < 2:
-        raise ValueError(
-            f"sizes must be >= 2 and batches >= 1, got sizes={list(sizes)}, batches={list(batches)}"
-        )
-    batches = sorted(set(batches))
-    if 1 not in batches:
-        batches = [1, *batches]  # the reference comparison is per image at batch 1
+    batches, modes = _checked(sizes, batches, methods, modes)
     rng = np.random.default_rng(seed)
     main_rows, ref_rows = [], []
     for side in sizes:
@@ -139,73 +159,44 @@ def run(
         log(f"[bench] tags K={num_classes}, N={n} ({side}x{side}), {max(batches)} images")
         log_q, cons = tag_problems(rng, max(batches), side, num_classes)
         rows, ours = bench_batches(log_q, cons, batches, methods, repeats, modes)
-        for r in rows:
-            main_rows.append({"n": n, "side": side, **r})
-        problem = f"tags K={num_classes}"
-        if n <= cvxpy_max_n and cvxpy_images > 0:
-            log(f"[bench]   CVXPY/Clarabel on {cvxpy_images} image(s)")
-            ref_rows.append(
-                {
-                    "problem": problem,
-                    "n": n,
-                    **bench_reference(
-                        "CVXPY+Clarabel", cvxpy_p, log_q, cons, cvxpy_images, ref_budget_s, ours
-                    ),
-                }
-            )
-        if scipy_images > 0:
-            log(f"[bench]   SciPy L-BFGS-B on {scipy_images} image(s)")
-            ref_rows.append(
-                {
-                    "problem": problem,
-                    "n": n,
-                    **bench_reference(
-                        "SciPy L-BFGS-B", scipy_p, log_q, cons, scipy_images, ref_budget_s, ours
-                    ),
-                }
-            )
+        main_rows += [{"n": n, "side": side, **r} for r in rows]
+        images = {
+            "CVXPY+Clarabel": cvxpy_images if n <= cvxpy_max_n else 0,
+            "SciPy L-BFGS-B": scipy_images,
+        }
+        ref_rows += _reference_rows(
+            f"tags K={num_classes}", n, images, log_q, cons, ref_budget_s, ours, log
+        )
 
     n = seed_side * seed_side
     log(f"[bench] seed foreground K={seed_classes}, N={n}, alpha={seed_alpha}, batch 1")
     log_q, cons = seed_problems(rng, seed_images, seed_side, seed_classes, seed_alpha)
     rows, ours = bench_batches(log_q, cons, [1], ["newton"], repeats, [default_mode()])
     seed_main = [{"n": n, "side": seed_side, **r} for r in rows]
-    problem = f"seed fg K={seed_classes}"
-    seed_refs = [
-        {
-            "problem": problem,
-            "n": n,
-            **bench_reference(
-                "CVXPY+Clarabel", cvxpy_p, log_q, cons, seed_images, ref_budget_s, ours
-            ),
-        },
-        {
-            "problem": problem,
-            "n": n,
-            **bench_reference(
-                "SciPy L-BFGS-B", scipy_p, log_q, cons, seed_images, ref_budget_s, ours
-            ),
-        },
-    ]
+    images = dict.fromkeys(_REFERENCES, seed_images)
+    seed_refs = _reference_rows(
+        f"seed fg K={seed_classes}", n, images, log_q, cons, ref_budget_s, ours, log
+    )
+    settings = dict(
+        sizes=list(sizes),
+        batches=list(batches),
+        methods=list(methods),
+        modes=list(modes),
+        num_classes=num_classes,
+        repeats=repeats,
+        seed=seed,
+        cvxpy_max_n=cvxpy_max_n,
+        seed_side=seed_side,
+        seed_classes=seed_classes,
+        seed_alpha=seed_alpha,
+    )
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]) if sys.argv else "",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
         f"on {jax.default_backend()}",
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "settings": dict(
-            sizes=list(sizes),
-            batches=list(batches),
-            methods=list(methods),
-            modes=list(modes),
-            num_classes=num_classes,
-            repeats=repeats,
-            seed=seed,
-            cvxpy_max_n=cvxpy_max_n,
-            seed_side=seed_side,
-            seed_classes=seed_classes,
-            seed_alpha=seed_alpha,
-        ),
+        "settings": settings,
         "main": main_rows,
         "references": ref_rows,
         "seed_main": seed_main,
