@@ -11,6 +11,9 @@ Methods (``config.method``), dispatched by :func:`compute_loss` from a :class:`L
 - ``"mil"``: MIL-FCN, sigmoid CE of max-pooled class scores against tags (:func:`mil_loss`).
 - ``"full"``: pixel-wise CE against the masks, the fully supervised upper bound
   (:func:`supervised_loss`).
+- ``"pretrain"``: image classification over the object classes (:func:`classification_loss`),
+  the ImageNet-style pretraining every method starts from (:mod:`ccnn_jax.pretrain`); its
+  inputs are the network's image class scores (B, K), not per-pixel logits.
 """
 
 from __future__ import annotations
@@ -137,6 +140,38 @@ def mil_loss(
     return _weighted_mean(jnp.mean(bce_BxK, axis=-1), valid_B), {}
 
 
+def object_classes(num_classes: int, background: int | None) -> jax.Array:
+    """(K,) bool: the labels an image classifier chooses among (all but background)."""
+    labels = jnp.arange(num_classes)
+    return labels != background if background is not None else jnp.ones(num_classes, bool)
+
+
+def classification_loss(
+    scores_BxK: jax.Array, tags_BxK: jax.Array, valid_B: jax.Array, *, background: int | None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""Softmax cross-entropy of image class scores against the tagged object classes.
+
+    .. math:: L_b = -\sum_{l \ne bg} t_{b,l} \log \operatorname{softmax}_{l \ne bg}(s_b)_l,
+              \qquad t_b = \text{tags}_b / \textstyle\sum_{l \ne bg} \text{tags}_{b,l},
+
+    i.e. the usual single-label loss when an image holds one object (ImageNet-style
+    pretraining); background is not a class of the classifier. Images without an object tag
+    count as padding.
+    """
+    if scores_BxK.ndim != 2 or tags_BxK.shape != scores_BxK.shape:
+        raise ValueError(
+            f"scores_BxK {scores_BxK.shape} and tags_BxK {tags_BxK.shape} must both be (B, K)"
+        )
+    is_object = object_classes(scores_BxK.shape[-1], background)
+    tags = jnp.where(is_object, tags_BxK.astype(jnp.float32), 0.0)
+    count_B = jnp.sum(tags, axis=-1)
+    target = tags / jnp.maximum(count_B, 1.0)[:, None]
+    log_p = jax.nn.log_softmax(jnp.where(is_object, scores_BxK.astype(jnp.float32), -1e9), -1)
+    ce_B = -jnp.sum(jnp.where(target > 0, target * log_p, 0.0), axis=-1)
+    real_B = (valid_B > 0) & (count_B > 0)
+    return _weighted_mean(ce_B, real_B), {}
+
+
 def supervised_loss(
     logits_BxHxWxK: jax.Array, mask_BxHxW: jax.Array, valid_B: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -209,10 +244,14 @@ def compute_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The configured method's loss on (possibly coarse) logits; aux has scalars (+ ``p``).
 
+    For ``"pretrain"`` the first argument is the image class scores (B, K).
+
     With ``mil_weight > 0`` the CCNN loss gets ``mil_weight * MIL`` added, and with
     ``mil_warmup_steps > 0`` the loss is MIL alone while ``step < mil_warmup_steps``.
     """
     valid = batch["valid"]
+    if spec.method == "pretrain":
+        return classification_loss(logits_BxhxwxK, batch["tags"], valid, background=spec.background)
     if spec.method in ("ccnn", "ccnn_size") and (spec.mil_warmup_steps or spec.mil_weight):
         loss, aux = compute_loss(
             logits_BxhxwxK, batch, dataclasses.replace(spec, mil_warmup_steps=0, mil_weight=0.0)

@@ -21,7 +21,7 @@ from etils import epath
 from flax import nnx
 
 from ccnn_jax import checkpoint as checkpoint_lib
-from ccnn_jax import configs, losses, metrics, reporting
+from ccnn_jax import configs, losses, metrics, pretrain, reporting
 from ccnn_jax import train as train_lib
 from ccnn_jax.data import pipeline
 
@@ -92,9 +92,13 @@ def restore_or_init(
     steps: train_lib.Steps,
     abstract: train_lib.TrainState,
     num_classes: int,
+    *,
+    progress: bool = True,
 ) -> tuple[train_lib.TrainState, int | None, float]:
     """The newest readable checkpoint in ``ckpt`` (state, and ``data_iter``'s position) or a
-    fresh state (warm-started from ``config.init_from`` when set), replicated on the mesh.
+    fresh state, replicated on the mesh. A fresh state is warm-started from ``config.init_from``
+    when set, else from the (cached) pretrained network when ``config.pretrain.steps > 0``
+    (:func:`ccnn_jax.pretrain.ensure_pretrained`, run only when there is no checkpoint).
     ``abstract`` is the state's shape (``create_train_state(..., abstract=True)``).
 
     Returns ``(state, resumed_from, seconds)``: the restored step (None for a fresh state) and
@@ -110,8 +114,11 @@ def restore_or_init(
         print(f"Resuming from checkpoint step {resumed_from} in {ckpt.directory}", flush=True)
         return steps.put_state(state), resumed_from, float(ckpt_meta["seconds"])
     _, state, _ = train_lib.create_train_state(config, num_classes)
-    if config.init_from:
-        state = warm_start(state, abstract, config.init_from)
+    init_from = config.init_from
+    if not init_from and config.pretrain.steps > 0:
+        init_from = pretrain.ensure_pretrained(config, progress=progress)
+    if init_from:
+        state = warm_start(state, abstract, init_from)
     return steps.put_state(state), None, 0.0
 
 
@@ -232,7 +239,7 @@ def train(
     )
     try:
         state, resumed_from, seconds = restore_or_init(
-            config, ckpt, data_iter, steps, abstract, meta.num_classes
+            config, ckpt, data_iter, steps, abstract, meta.num_classes, progress=progress
         )
         start_step = int(jax.device_get(state.step))
         last_step = int(config.num_steps)
@@ -370,6 +377,7 @@ def train_and_evaluate(
         "resumed_from": out.resumed_from,
         "devices": jax.device_count(),
         "confusion": confusion.tolist(),
+        **({"accuracy": summary["pixel_accuracy"]} if config.method == "pretrain" else {}),
         "config": config.to_dict(),
     }
     grid = _grid_batch(out, config, int(config.num_grid_images))

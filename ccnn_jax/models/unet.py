@@ -8,6 +8,13 @@ head gives per-pixel class logits.
 ``output_stride`` s = 2^k (k <= depth) stops the decoder k stages early, so the logits come out
 at (H / s, W / s) — the coarse score map on which the original FCN-based CCNN applied its
 constraints. :func:`upsample_logits` brings them back to the input resolution for evaluation.
+
+``classifier=True`` adds an image classifier on the bottleneck, the head that pretraining trains
+(:meth:`UNet.classify`: a linear layer on the spatially averaged bottleneck features). As FCN
+turned VGG's classifier into a convolution, the same weights then score every bottleneck
+position, and those coarse class scores, upsampled, are added to the decoder's logits. Both the
+classifier and the decoder head start at zero, so a pretrained network first predicts with the
+classifier's scores alone (its class activation map) and the decoder learns the refinement.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class UNet(nnx.Module):
       norm: "batch", "group", "layer" or "none".
       output_stride: 1 (logits at input resolution) or a power of two <= 2**depth.
       in_features: input channels (3 for RGB).
+      classifier: add the bottleneck classifier (see the module docstring).
       rngs: parameter initialisation randomness.
     """
 
@@ -75,6 +83,7 @@ class UNet(nnx.Module):
         norm: str = "group",
         output_stride: int = 1,
         in_features: int = 3,
+        classifier: bool = False,
         rngs: nnx.Rngs,
     ):
         if num_classes < 1:
@@ -113,9 +122,17 @@ class UNet(nnx.Module):
         self.up = nnx.List(ups)
         self.up_blocks = nnx.List(blocks)
         out_features = chans[depth - num_up]
-        self.head = nnx.Conv(out_features, num_classes, (1, 1), rngs=rngs)
+        zero = nnx.initializers.zeros_init()
+        head_init = {"kernel_init": zero} if classifier else {}
+        self.head = nnx.Conv(out_features, num_classes, (1, 1), rngs=rngs, **head_init)
+        self.classifier = (
+            nnx.Linear(chans[depth], num_classes, kernel_init=zero, rngs=rngs)
+            if classifier
+            else None
+        )
 
-    def __call__(self, images_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
+    def _encode(self, images_BxHxWxC: jax.Array, train: bool) -> tuple[jax.Array, list]:
+        """Bottleneck features (B, H / 2^depth, W / 2^depth, C) and the skip features."""
         _, h, w, _ = images_BxHxWxC.shape
         factor = 2**self.depth
         if h % factor or w % factor:
@@ -128,11 +145,28 @@ class UNet(nnx.Module):
             x = block(x, train=train)
             skips.append(x)
             x = nnx.max_pool(x, (2, 2), strides=(2, 2))
-        x = self.bottleneck(x, train=train)
+        return self.bottleneck(x, train=train), skips
+
+    def classify(self, images_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
+        r"""Image class scores (B, K): :math:`s = W^\top \operatorname{mean}_i h_i + b` over the
+        bottleneck features :math:`h_i` (needs ``classifier=True``; the decoder is not run)."""
+        if self.classifier is None:
+            raise ValueError("UNet.classify needs a UNet built with classifier=True")
+        features, _ = self._encode(images_BxHxWxC, train)
+        return self.classifier(features.mean(axis=(1, 2)))
+
+    def __call__(self, images_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
+        features, skips = self._encode(images_BxHxWxC, train)
+        x = features
         for up, block in zip(self.up, self.up_blocks, strict=True):
             x = up(x)
             x = block(jnp.concatenate([x, skips.pop()], axis=-1), train=train)
-        return self.head(x)
+        logits = self.head(x)
+        if self.classifier is not None:  # the classifier scoring every bottleneck position
+            logits = logits + jax.image.resize(
+                self.classifier(features), logits.shape, method="bilinear"
+            )
+        return logits
 
 
 def upsample_logits(logits_BxhxwxK: jax.Array, size: tuple[int, int]) -> jax.Array:
