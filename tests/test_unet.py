@@ -89,7 +89,8 @@ def test_bfloat16_computation_tracks_float32_with_float32_params(norm):
     half = _unet(norm=norm, dtype=jnp.bfloat16)
     nnx.update(half, nnx.state(full))  # the same float32 parameters
     assert {p.dtype for p in jax.tree.leaves(nnx.state(half, nnx.Param))} == {jnp.dtype("float32")}
-    out_full, out_half = full(x, train=False), half(x, train=False)
+    forward = nnx.jit(lambda model, x: model(x, train=False))
+    out_full, out_half = forward(full, x), forward(half, x)
     assert out_half.dtype == jnp.float32
     relative = jnp.linalg.norm(out_half - out_full) / jnp.linalg.norm(out_full)
     assert 0 < relative < 0.05, relative

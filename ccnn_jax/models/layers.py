@@ -20,6 +20,15 @@ def imagenet_normalize(images_BxHxWx3: jax.Array, dtype) -> jax.Array:
     return ((images_BxHxWx3.astype(jnp.float32) - mean) / std).astype(dtype)
 
 
+def check_arguments(choice_name: str, choice, choices, **sizes: int) -> None:
+    """Raises ValueError unless ``choice`` is one of ``choices`` and every size is >= 1."""
+    if choice not in choices:
+        raise ValueError(f"{choice_name} must be one of {tuple(choices)}, got {choice!r}")
+    small = {name: size for name, size in sizes.items() if size < 1}
+    if small:
+        raise ValueError(f"{' and '.join(small)} must be >= 1, got {small}")
+
+
 def check_divisible(images_BxHxWxC: jax.Array, factor: int, what: str) -> None:
     """Raises ValueError unless the image height and width are multiples of ``factor``."""
     _, h, w, _ = images_BxHxWxC.shape

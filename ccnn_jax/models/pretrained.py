@@ -19,7 +19,8 @@ Conversions (torch -> flax):
   ``num_batches_tracked`` is torch bookkeeping and is skipped;
 - the ImageNet classifier (VGG ``classifier.6`` / timm ``head.fc``, ResNet ``fc``) is dropped by
   default. ``keep_classifier=[i_0, ..., i_{K-1}]`` is FCN's trick: class k's score filter and bias
-  start from ImageNet row ``i_k`` (``None`` keeps the model's initialisation, e.g. background).
+  start from ImageNet row ``i_k`` (``None`` keeps the model's initialisation, e.g. background);
+  for LargeFOV the rows are decimated like fc7's inputs (every 4th of 4096).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 from collections.abc import Callable, Sequence
 from functools import partial
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
@@ -46,7 +47,7 @@ LARGEFOV_CHANNEL_STEP = 4  # 4096 channels -> 1024
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
 _MAX_LISTED = 20
 
-Converter = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (file array, current value) -> new
+Converter = Callable[[np.ndarray, jax.Array], np.ndarray]  # (file array, current value) -> new
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,20 +83,12 @@ def decimate_kernel(
     return kernel_HxWxIxO[::spatial_step, ::spatial_step, ::in_step, ::out_step]
 
 
-def _same(array: np.ndarray, current: np.ndarray) -> np.ndarray:
-    return array
-
-
-def _conv(array: np.ndarray, current: np.ndarray) -> np.ndarray:
-    return conv_kernel_from_torch(array)
-
-
 def _classifier_rows(
     rows: Sequence[int | None], *, is_kernel: bool, in_step: int
 ) -> Converter:
     """ImageNet classifier rows (N, F) / (N,) -> score kernel (1, 1, F', K) / bias (K,)."""
 
-    def convert(array: np.ndarray, current: np.ndarray) -> np.ndarray:
+    def convert(array: np.ndarray, current: jax.Array) -> np.ndarray:
         new = np.array(current, dtype=np.float32)
         for k, row in enumerate(rows):
             if row is None:
@@ -110,12 +103,18 @@ def _classifier_rows(
 
 
 def _chain(*steps: Callable[[np.ndarray], np.ndarray]) -> Converter:
-    def convert(array: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """A converter applying ``steps`` in order to the file array (the current value unused)."""
+
+    def convert(array: np.ndarray, current: jax.Array) -> np.ndarray:
         for step in steps:
             array = step(array)
         return array
 
     return convert
+
+
+_same = _chain()
+_conv = _chain(conv_kernel_from_torch)
 
 
 # ----------------------------------------------------------------------------- key layouts
@@ -339,6 +338,13 @@ def load_safetensors(
     Returns:
       ``model``, its parameters and BatchNorm statistics replaced (in the variables' dtypes).
 
+    Example (a model inside a train state: merge, load, split again)::
+
+      model = create_model("vgg16_fcn32", 21, rngs=nnx.Rngs(params=0))
+      load_safetensors(model, "vgg16.safetensors")  # torchvision's vgg16 state dict
+      load_safetensors(model, "model.safetensors", layout="timm",  # timm vgg16.tv_in1k,
+                       keep_classifier=[None, 404, ...])  # one ImageNet row per class
+
     Raises:
       FileNotFoundError: no file at ``path``.
       ValueError: the file is not safetensors, or its keys/shapes do not fit (one error
@@ -357,10 +363,11 @@ def load_safetensors(
             for key, spec in specs.items():
                 variable = _variable(model, spec.target)
                 current = variable.get_value()
-                value = spec.convert(f.get_tensor(key).astype(np.float32), np.asarray(current))
+                value = spec.convert(np.asarray(f.get_tensor(key), np.float32), current)
                 if value.shape != current.shape:  # a bug in a converter, not in the file
                     raise AssertionError(f"{key}: converted {value.shape} != {current.shape}")
-                variable.set_value(jnp.asarray(value, dtype=current.dtype))
+                # same dtype and placement (sharding) as the variable it replaces
+                variable.set_value(jax.device_put(value.astype(current.dtype), current.sharding))
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     return model

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ccnn_jax.models.layers import check_divisible, imagenet_normalize
+from ccnn_jax.models.layers import check_arguments, check_divisible, imagenet_normalize
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
 EXPANSION = 4
@@ -102,10 +102,9 @@ class ResNet50(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if output_stride not in OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
-        if num_classes < 1 or width < 1:
-            raise ValueError(f"num_classes and width must be >= 1, got {num_classes}, {width}")
+        check_arguments(
+            "output_stride", output_stride, OUTPUT_STRIDES, num_classes=num_classes, width=width
+        )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_classes = num_classes
         self.output_stride = output_stride

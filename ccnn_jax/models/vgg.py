@@ -24,7 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ccnn_jax.models.layers import check_divisible, dropout_stream, imagenet_normalize
+from ccnn_jax.models.layers import (
+    check_arguments,
+    check_divisible,
+    dropout_stream,
+    imagenet_normalize,
+)
 
 # (layer name, stage) of VGG-16's convolutions; stage s has width * STAGE_MULTIPLIERS[s] channels.
 VGG16_CONV_NAMES = (
@@ -74,10 +79,7 @@ class VGG16FCN(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if num_classes < 1 or width < 1:
-            raise ValueError(f"num_classes and width must be >= 1, got {num_classes}, {width}")
+        check_arguments("variant", variant, VARIANTS, num_classes=num_classes, width=width)
         self.variant = variant
         self.num_classes = num_classes
         self.output_stride = OUTPUT_STRIDES[variant]
