@@ -79,3 +79,17 @@ def test_image_size_must_be_divisible():
     abstract = nnx.eval_shape(lambda: UNet(3, width=4, depth=2, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="divisible"):
         abstract(jax.ShapeDtypeStruct((1, 10, 16, 3), jnp.float32))
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_bfloat16_computation_tracks_float32_with_float32_params(norm):
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+    full = _unet(norm=norm)
+    half = _unet(norm=norm, dtype=jnp.bfloat16)
+    nnx.update(half, nnx.state(full))  # the same float32 parameters
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(half, nnx.Param))} == {jnp.dtype("float32")}
+    forward = nnx.jit(lambda model, x: model(x, train=False))
+    out_full, out_half = forward(full, x), forward(half, x)
+    assert out_half.dtype == jnp.float32
+    relative = jnp.linalg.norm(out_half - out_full) / jnp.linalg.norm(out_full)
+    assert 0 < relative < 0.05, relative
