@@ -96,9 +96,11 @@ def restore_or_init(
     progress: bool = True,
 ) -> tuple[train_lib.TrainState, int | None, float]:
     """The newest readable checkpoint in ``ckpt`` (state, and ``data_iter``'s position) or a
-    fresh state, replicated on the mesh. A fresh state is warm-started from ``config.init_from``
-    when set, else from the (cached) pretrained network when ``config.pretrain.steps > 0``
-    (:func:`ccnn_jax.pretrain.ensure_pretrained`, run only when there is no checkpoint).
+    fresh state, replicated on the mesh. A fresh state loads the ImageNet weights of
+    ``config.model.pretrained`` (:func:`ccnn_jax.train.load_pretrained`), then is warm-started
+    from ``config.init_from`` when set, else from the (cached) pretrained network when
+    ``config.pretrain.steps > 0`` (:func:`ccnn_jax.pretrain.ensure_pretrained`); none of these
+    runs when there is a checkpoint to resume from.
     ``abstract`` is the state's shape (``create_train_state(..., abstract=True)``).
 
     Returns ``(state, resumed_from, seconds)``: the restored step (None for a fresh state) and
@@ -113,7 +115,10 @@ def restore_or_init(
         resumed_from = int(ckpt_meta["step"])
         print(f"Resuming from checkpoint step {resumed_from} in {ckpt.directory}", flush=True)
         return steps.put_state(state), resumed_from, float(ckpt_meta["seconds"])
-    _, state, _ = train_lib.create_train_state(config, num_classes)
+    graphdef, state, _ = train_lib.create_train_state(
+        config, num_classes, sharding=steps.replicated
+    )
+    state = train_lib.load_pretrained(config, graphdef, state)
     init_from = config.init_from
     if not init_from and config.pretrain.steps > 0:
         init_from = pretrain.ensure_pretrained(config, progress=progress)
