@@ -21,7 +21,7 @@ from etils import epath
 from flax import nnx
 
 from ccnn_jax import checkpoint as checkpoint_lib
-from ccnn_jax import configs, losses, metrics, pretrain, reporting
+from ccnn_jax import configs, distributed, losses, metrics, pretrain, reporting
 from ccnn_jax import train as train_lib
 from ccnn_jax.data import pipeline
 
@@ -226,7 +226,12 @@ def train(
     _check_config(config)
     workdir = _absolute(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    pipeline.prepare(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+    distributed.main_process_first(
+        lambda: pipeline.prepare(
+            config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir
+        ),
+        f"prepare {config.dataset} in {config.data_dir}",
+    )
     meta = pipeline.dataset_meta(config.dataset, data_dir=config.data_dir)
     spec = losses.loss_spec(config, meta)
     graphdef, abstract, tx = train_lib.create_train_state(config, meta.num_classes, abstract=True)
@@ -305,7 +310,7 @@ def evaluate(
     """Confusion matrix accumulated over ``split`` and its summary (mIoU, accuracy, per class)."""
     loader = _loader(config, split, batch_size=config.eval_batch_size, train=False, num_epochs=1)
     confusion = None
-    for batch_np in loader:
+    for batch_np in distributed.lockstep(loader, pipeline.padding_like):
         c = out.steps.eval(out.state, out.steps.put_batch(batch_np))
         confusion = c if confusion is None else confusion + c
     if confusion is None:

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ccnn_jax import losses, metrics, models
+from ccnn_jax import distributed, losses, metrics, models
 from ccnn_jax.losses import LossSpec, compute_loss
 from ccnn_jax.models import MODELS, load_safetensors, upsample_logits
 
@@ -355,20 +355,21 @@ def make_steps(
         in_shardings=(repl, data),
         out_shardings=repl,
     )
-    predict_fn = jax.jit(
+    predict_fn = jax.jit(  # replicated predictions: every process can read the figures' images
         functools.partial(predict_step, graphdef=graphdef, spec=spec),
         in_shardings=(repl, data),
-        out_shardings=data,
+        out_shardings=repl,
     )
     return Steps(mesh=mesh, train=train_fn, eval=eval_fn, predict=predict_fn)
 
 
-def maybe_initialize_distributed(force: bool = False) -> None:
-    """``jax.distributed.initialize()`` for multi-host launches (before any other JAX call).
+def maybe_initialize_distributed(force: bool = False, **kwargs) -> None:
+    """:func:`ccnn_jax.distributed.initialize` for multi-host launches (before any other JAX
+    call), with ``kwargs`` (coordinator address, process count and id, timeouts).
 
     Runs when ``force`` or when a coordinator is configured through the environment
     (``JAX_COORDINATOR_ADDRESS``); on Cloud TPU / SLURM / Open MPI, ``initialize()`` detects
     the cluster itself, so pass ``force=True`` (``experiments/train.py --multihost``).
     """
     if force or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+        distributed.initialize(**kwargs)
