@@ -63,7 +63,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{name} = {config[name]} must be divisible by the {n} devices")
 
 
-def _absolute(workdir: epath.PathLike) -> epath.Path:
+def absolute(workdir: epath.PathLike) -> epath.Path:
     """orbax needs absolute checkpoint paths; local relative paths are resolved from the cwd."""
     text = os.fspath(workdir)
     return epath.Path(text if "://" in text else os.path.abspath(text))
@@ -136,7 +136,7 @@ def warm_start(
     The fine-tuning analogue of the original CCNN starting from a pretrained network. The source
     run must use the same model config (same variable shapes) and optimizer structure.
     """
-    source = _absolute(init_from)
+    source = absolute(init_from)
     ckpt = checkpoint_lib.Checkpointer(source / "checkpoints")
     try:
         restored = ckpt.restore_latest(abstract, None, read_only=True)
@@ -224,7 +224,7 @@ def train(
     a preemption would.
     """
     _check_config(config)
-    workdir = _absolute(workdir)
+    workdir = absolute(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     distributed.main_process_first(
         lambda: pipeline.prepare(
@@ -341,8 +341,10 @@ def _grid_batch(out: TrainOutput, config: ml_collections.ConfigDict, num: int) -
 
 
 def write_outputs(workdir: epath.Path, results: dict, grid: dict) -> None:
-    """``results.json``, ``results.md``, ``predictions.png`` and ``curves.png`` in ``workdir``."""
+    """``results.json``, ``results.md``, ``predictions.png`` (and its arrays,
+    ``predictions.npz``) and ``curves.png`` in ``workdir``."""
     reporting.write_json(workdir / "results.json", results)
+    reporting.write_npz(workdir / "predictions.npz", grid)
     columns = ["method", "dataset", "miou", "pixel_accuracy", "steps", "seconds"]
     (workdir / "results.md").write_text(
         reporting.markdown_table([results], columns) + "\n" + reporting.per_class_markdown(results)
@@ -368,7 +370,7 @@ def train_and_evaluate(
     (image | ground truth | prediction | latent P argmax), ``curves.png``, ``metrics.jsonl``,
     ``tensorboard/`` and ``checkpoints/``. Returns the results dict.
     """
-    workdir = _absolute(workdir)
+    workdir = absolute(workdir)
     out = train(config, workdir, max_steps_this_run=max_steps_this_run, progress=progress)
     step = int(jax.device_get(out.state.step))
     t0 = time.time()

@@ -122,3 +122,26 @@ def test_ccnn_constraint_bounds_reach_the_solver():
         logits, tags, jnp.ones(1), constraint_kwargs={"bg_upper": 0.9, "fg_lower": 0.02}
     )
     assert np.asarray(aux["p"])[..., 0].mean() == pytest.approx(0.9, abs=1e-3)
+
+
+def test_classification_loss_is_softmax_ce_over_object_classes():
+    scores = jax.random.normal(jax.random.key(3), (3, K))
+    tags = np.array([[1, 0, 1, 0], [1, 0, 0, 1], [1, 1, 0, 0]], np.float32)  # bg + one object
+    valid = np.array([1.0, 1.0, 0.0], np.float32)  # third image is padding
+    loss, _ = losses.classification_loss(scores, tags, valid, background=0)
+    log_p = jax.nn.log_softmax(scores[:, 1:], axis=-1)  # background is not a class
+    expected = -(log_p[0, 1] + log_p[1, 2]) / 2
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    grad = jax.grad(lambda s: losses.classification_loss(s, tags, valid, background=0)[0])(scores)
+    np.testing.assert_array_equal(np.asarray(grad[:, 0]), 0.0)  # no gradient to background
+    np.testing.assert_array_equal(np.asarray(grad[2]), 0.0)  # nor from padding
+    # two tagged objects share the target; without a background class every label is one
+    both = np.array([[1, 1, 1, 0]], np.float32)
+    loss2, _ = losses.classification_loss(scores[:1], both, np.ones(1), background=0)
+    np.testing.assert_allclose(loss2, -(log_p[0, 0] + log_p[0, 1]) / 2, rtol=1e-6)
+    loss3, _ = losses.classification_loss(scores[:1], tags[:1], np.ones(1), background=None)
+    np.testing.assert_allclose(
+        loss3, -jnp.mean(jax.nn.log_softmax(scores[0])[jnp.array([0, 2])]), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="scores_BxK"):
+        losses.classification_loss(scores[:, :2], tags, valid, background=0)
