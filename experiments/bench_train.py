@@ -15,9 +15,11 @@ nothing to download: ready for a lent accelerator). Weights are random
 (``config.model.pretrained`` is ignored; pretraining is skipped). The steps of the two methods
 alternate in blocks, and each reports its median, to be fair under a noisy shared CPU.
 
-Memory: XLA's estimate for the compiled CCNN step (arguments + outputs + temporaries, the same
-on every backend), the device's peak bytes in use where the backend reports it (GPU, TPU), and
-the host's peak resident memory. Writes ``<out>.json`` and ``<out>.md`` and prints both.
+``cpu_s`` is the process's CPU time per step (all threads): on a shared CPU the work, whatever
+the load. Memory: XLA's estimate for the compiled CCNN step (arguments + outputs +
+temporaries, the same on every backend), the device's peak bytes in use where the backend
+reports it (GPU, TPU), and the host's peak resident memory. Writes ``<out>.json`` and
+``<out>.md`` and prints both.
 
 Measured here (2-core shared CPU, load ~10): the synthetic default (UNet, 64x64, batch 16):
 see the README's training section. VGG-16 FCN-32s at 128x128, batch 2 (``voc.py:ccnn_vgg16``,
@@ -111,7 +113,7 @@ class _Runner:
         config.method = method
         graphdef, _, tx = train.create_train_state(config, meta.num_classes, abstract=True)
         steps = train.make_steps(graphdef, tx, losses.loss_spec(config, meta))
-        self.method, self.times = method, []
+        self.method, self.times, self.cpu_times = method, [], []
         self.state = steps.put_state(state)
         self.batches = [steps.put_batch(b) for b in batches_np]
         t = time.perf_counter()
@@ -123,11 +125,12 @@ class _Runner:
         import jax
 
         for batch in self.batches:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             self.state, step_metrics = self.step(self.state, batch)
             jax.block_until_ready(step_metrics)
             if record:
                 self.times.append(time.perf_counter() - t)
+                self.cpu_times.append(time.process_time() - cpu)
 
 
 def bench(config, *, data: str, steps: int, block: int) -> dict:
@@ -164,6 +167,7 @@ def bench(config, *, data: str, steps: int, block: int) -> dict:
         for r in runners:
             r.run_block(record=True)
     median = {r.method: float(np.median(r.times)) for r in runners}
+    median_cpu = {r.method: float(np.median(r.cpu_times)) for r in runners}
     device = jax.devices()[0]
     device_stats = device.memory_stats() or {}
     num_params = sum(x.size for x in jax.tree.leaves(runners[0].state.params))
@@ -185,6 +189,10 @@ def bench(config, *, data: str, steps: int, block: int) -> dict:
         "ccnn_images_per_s": round(config.batch_size / median[ccnn], 2),
         "plain_images_per_s": round(config.batch_size / median[PLAIN_METHOD], 2),
         "ratio_ccnn_over_plain": round(median[ccnn] / median[PLAIN_METHOD], 3),
+        # CPU seconds of this process per step (all threads): the work, whatever the machine's
+        # load; on an accelerator mostly the host's dispatch.
+        "ccnn_step_cpu_s": round(median_cpu[ccnn], 4),
+        "plain_step_cpu_s": round(median_cpu[PLAIN_METHOD], 4),
         "solver_share": round(1 - median[PLAIN_METHOD] / median[ccnn], 3),
         "steps_each": min(len(r.times) for r in runners),
         "init_s": round(init_s, 1),
@@ -205,12 +213,13 @@ def to_markdown(result: dict) -> str:
         {
             "step": m,
             "step_s": result[f"{key}_step_s"],
+            "cpu_s": result[f"{key}_step_cpu_s"],
             "images_per_s": result[f"{key}_images_per_s"],
             "compile_s": result["compile_s"][m],
         }
         for m, key in ((ccnn, "ccnn"), (plain, "plain"))
     ]
-    columns = ["step", "step_s", "images_per_s", "compile_s"]
+    columns = ["step", "step_s", "cpu_s", "images_per_s", "compile_s"]
     memory = ", ".join(
         f"{k.removesuffix('_mib')} {v} MiB" for k, v in result.items() if k.endswith("_mib") and v
     )

@@ -50,10 +50,16 @@ def main(argv):
 
 def _distributed_kwargs() -> dict:
     """The multi-host flags as keyword arguments of ``ccnn_jax.distributed.initialize``."""
-    return {
+    where = {
         "coordinator_address": FLAGS.coordinator_address,
         "num_processes": FLAGS.num_processes,
         "process_id": FLAGS.process_id,
+    }
+    given = [f"--{name}" for name, value in where.items() if value is not None]
+    if given and not FLAGS.multihost:
+        raise app.UsageError(f"{', '.join(given)} only apply with --multihost")
+    return {
+        **where,
         "initialization_timeout_s": FLAGS.initialization_timeout,
         "heartbeat_timeout_s": FLAGS.heartbeat_timeout,
     }

@@ -151,3 +151,31 @@ def test_sgd_is_momentum_sgd_with_coupled_weight_decay_and_step_decay():
         velocity = 0.9 * velocity + (g + 0.01 * w)
         np.testing.assert_allclose(updates, -lr * velocity, rtol=1e-6, err_msg=f"step {step}")
         w = w + updates
+
+
+def test_voc_paper_recipe_configs():
+    from ccnn_jax.configs import voc
+
+    c = voc.get_config("ccnn_vgg16")
+    assert (c.method, c.dataset, c.model.name) == ("ccnn", voc.SBD, "vgg16_fcn32")
+    assert (c.batch_size, tuple(c.image_size), c.num_steps) == (1, (512, 512), 40_000)
+    assert (c.optimizer, c.momentum, c.weight_decay) == ("sgd", 0.99, 0.0)
+    assert c.learning_rate == pytest.approx(1e-8 * 16 * 16)  # Caffe's summed loss -> our mean
+    assert (c.lr_decay_steps, c.lr_decay_factor, c.pretrain.steps) == (10_000, 0.1, 0)
+    assert (c.constraints.fg_lower, c.constraints.bg_lower, c.constraints.bg_upper) == (
+        0.05,
+        0.3,
+        0.7,
+    )
+    assert (
+        voc.get_config("ccnn_size,vgg16").to_dict() == voc.get_config("ccnn_size_vgg16").to_dict()
+    )
+    large = voc.get_config("mil,largefov")
+    assert (large.model.name, large.learning_rate, large.num_steps) == (
+        "vgg16_largefov",
+        1e-6,
+        35_000,
+    )
+    train.check_model_config(c)
+    with pytest.raises(ValueError, match="one network"):
+        voc.get_config("ccnn,vgg16,largefov")

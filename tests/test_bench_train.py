@@ -38,7 +38,13 @@ def test_bench_reports_both_steps_and_the_solver_share(fast_compiles):
     result = bench_train.bench(config, data="random", steps=2, block=1)
     assert (result["method"], result["model"], result["data"]) == ("ccnn_size", "unet", "random")
     assert result["steps_each"] >= 2 and result["batch_size"] == 8
-    for key in ("ccnn_step_s", "plain_step_s", "ccnn_images_per_s", "xla_total_mib"):
+    for key in (
+        "ccnn_step_s",
+        "plain_step_s",
+        "ccnn_step_cpu_s",
+        "ccnn_images_per_s",
+        "xla_total_mib",
+    ):
         assert result[key] > 0, key
     assert result["ccnn_images_per_s"] == pytest.approx(8 / result["ccnn_step_s"], rel=0.01)
     assert result["solver_share"] == pytest.approx(
