@@ -12,8 +12,9 @@ A curriculum makes it learn sooner: with random colours and textures on cluttere
 classifier trained from scratch sits at chance for a thousand steps or more, while on the easy
 look (smooth shapes on smooth backgrounds, no clutter) it learns within a few hundred steps and
 then moves to the full look quickly. So pretraining runs ``pretrain.easy_steps`` on
-``pretrain.easy_dataset`` and then ``pretrain.steps`` on ``pretrain.dataset``, each stage a
-training run (fresh optimizer, warm-started from the previous stage).
+``pretrain.easy_dataset`` at the peak learning rate and then ``pretrain.steps`` on
+``pretrain.dataset`` with warmup and cosine decay, each stage a training run (fresh optimizer,
+warm-started from the previous stage).
 
 The pretraining config depends only on ``config.model``, ``config.seed``, ``config.data_dir``,
 the optimizer's regularisation and ``config.pretrain``, not on the method, so every method and
@@ -50,10 +51,13 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_colle
         for field in INHERITED:
             c[field] = config[field]
         c.image_size = tuple(p.image_size)
+        c.scale_range = tuple(p.scale_range)
         c.batch_size = c.eval_batch_size = int(p.batch_size)
         c.learning_rate = float(p.learning_rate)
         c.warmup_steps = int(p.warmup_steps)
         c.num_steps = steps
+        if name == "easy":  # keep the peak rate: the schedule's decay belongs to the last stage
+            c.final_lr_fraction = 1.0
         c.log_every = 50
         c.checkpoint_every = 500
         c.max_checkpoints_to_keep = 1

@@ -242,6 +242,7 @@ def train(
         batch_size=config.batch_size,
         train=True,
         worker_count=config.worker_count,
+        scale_range=tuple(config.scale_range),
     )
     data_iter = iter(loader)
     ckpt = checkpoint_lib.Checkpointer(

@@ -145,3 +145,29 @@ def test_classification_loss_is_softmax_ce_over_object_classes():
     )
     with pytest.raises(ValueError, match="scores_BxK"):
         losses.classification_loss(scores[:, :2], tags, valid, background=0)
+
+
+def test_padding_pixels_take_no_part_in_constraints_or_losses():
+    """Augmentation padding (pixels = 0): the CCNN rows hold over image pixels only, the loss
+    has no gradient there, and MIL's max skips it."""
+    logits = _logits(b=2, h=4, w=4)
+    tags = np.array([[1, 1, 0, 0], [1, 0, 1, 1]], np.float32)
+    pixels = np.ones((2, 8, 8), np.float32)
+    pixels[:, :, 4:] = 0.0  # the right half of each image is padding (2 logit columns)
+
+    def ccnn(lg):
+        return losses.ccnn_loss(lg, tags, np.ones(2), background=0, pixels_BxHxW=pixels)
+
+    (_, aux), grad = jax.value_and_grad(ccnn, has_aux=True)(logits)
+    np.testing.assert_array_equal(np.asarray(grad[:, :, 2:]), 0.0)
+    p_image = np.asarray(aux["p"])[:, :, :2]  # the image's pixels (left half)
+    bounds = constraints.VOC_BOUNDS
+    bg_share = p_image[..., 0].mean(axis=(1, 2))
+    assert np.all(bg_share >= bounds.bg_lower - 1e-3) and np.all(bg_share <= bounds.bg_upper + 1e-3)
+    # padding outranking everything would win MIL's max without the pixel map
+    padded = logits.at[:, :, 2:, :].set(50.0)
+    with_map, _ = losses.mil_loss(padded, tags, np.ones(2), pixels_BxHxW=pixels)
+    reference, _ = losses.mil_loss(logits[:, :, :2], tags, np.ones(2))
+    np.testing.assert_allclose(with_map, reference, rtol=1e-6)
+    with pytest.raises(ValueError, match="multiple"):
+        losses.mil_loss(logits, tags, np.ones(2), pixels_BxHxW=np.ones((2, 6, 6)))

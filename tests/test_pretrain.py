@@ -29,8 +29,10 @@ def test_stages_are_the_curriculum_and_do_not_depend_on_the_method():
         assert stage.method == "pretrain"
         assert stage.model.to_dict() == config.model.to_dict() and stage.seed == config.seed
         assert tuple(stage.image_size) == tuple(config.pretrain.image_size)
-    cache = {pretrain.pretrain_workdir(_config(m, easy_steps=2, steps=3)) for m in
-             ("ccnn", "ccnn_size", "mil", "full")}
+    cache = {
+        pretrain.pretrain_workdir(_config(m, easy_steps=2, steps=3))
+        for m in ("ccnn", "ccnn_size", "mil", "full")
+    }
     assert len(cache) == 1  # one pretrained run serves every method
     reseeded = _config(easy_steps=2, steps=3)
     reseeded.seed = 1

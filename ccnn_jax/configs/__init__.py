@@ -15,6 +15,7 @@ import dataclasses
 import ml_collections
 
 from ccnn_jax import constraints
+from ccnn_jax.data import pipeline
 
 METHODS = ("ccnn", "ccnn_size", "mil", "full", "pretrain")
 
@@ -45,6 +46,7 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.manual_dir = ml_collections.config_dict.placeholder(str)
     c.train_split = "train"  # or a TFDS slice, e.g. "train[:10%]" (a labelled subset)
     c.image_size = (64, 64)
+    c.scale_range = pipeline.TRAIN_SCALE_RANGE  # training augmentation: rescale, crop, flip
     c.seed = 0
     # Workdir of another run to start from (its newest checkpoint's model variables; fresh
     # optimizer and step), as the original CCNN started from a pretrained network.
@@ -108,6 +110,7 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.pretrain.easy_dataset = "ccnn_synthetic/objects_easy"
     c.pretrain.easy_steps = 0  # 0: no easy stage
     c.pretrain.image_size = (32, 32)
+    c.pretrain.scale_range = (1.0, 1.0)  # the objects vary in size already: flips only
     c.pretrain.batch_size = 32
     c.pretrain.learning_rate = 2e-3
     c.pretrain.warmup_steps = 50

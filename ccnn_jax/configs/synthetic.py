@@ -49,7 +49,7 @@ def get_config(config_string: str = "ccnn") -> ml_collections.ConfigDict:
     c.batch_size = 16
     c.eval_batch_size = 50
     c.num_steps = 1000
-    c.learning_rate = 5e-4
+    c.learning_rate = 1e-3
     # The original CCNN's VOC bounds (configs.base) fit this dataset's VOC-like sizes.
 
     # Pretraining (ccnn_jax/pretrain.py): a 32x32 one-object classifier, easy look first.
