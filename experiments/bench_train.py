@@ -62,6 +62,7 @@ def random_batch(rng, batch_size, image_size, num_classes, background) -> dict:
         "tags": (counts > 0).astype(np.float32),
         "size": (counts > 0.1 * h * w).astype(np.float32),
         "valid": np.ones(batch_size, np.float32),
+        "pixels": np.ones((batch_size, h, w), np.float32),  # every pixel from the image
     }
 
 
@@ -85,6 +86,7 @@ def make_batches(config, meta, data: str, count: int) -> list[dict]:
         image_size=tuple(config.image_size),
         train=True,
         seed=config.seed,
+        scale_range=tuple(config.scale_range),
     )
     it = iter(loader)
     return [next(it) for _ in range(count)]

@@ -14,6 +14,7 @@ def test_random_batches_tags_and_sizes_come_from_their_masks(background):
     rng = np.random.default_rng(0)
     batch = bench_train.random_batch(rng, 6, (40, 48), 5, background)
     assert batch["image"].shape == (6, 40, 48, 3) and batch["mask"].shape == (6, 40, 48)
+    assert batch["pixels"].shape == (6, 40, 48) and batch["pixels"].min() == 1
     assert 0 <= batch["image"].min() and batch["image"].max() <= 1
     for mask, tags, size in zip(batch["mask"], batch["tags"], batch["size"], strict=True):
         present = np.zeros(5, bool)

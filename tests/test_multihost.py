@@ -124,7 +124,8 @@ def _reference(config):
             for i in range(NUM_PROCESSES)
         ]
 
-    iterators = [iter(x) for x in loaders("train", batch_size=4, train=True)]
+    train_loaders = loaders("train", batch_size=4, train=True, scale_range=config.scale_range)
+    iterators = [iter(x) for x in train_loaders]
     for _ in range(config.num_steps):
         shards = [next(it) for it in iterators]
         batch = {k: np.concatenate([s[k] for s in shards]) for k in shards[0]}
