@@ -120,7 +120,9 @@ def _losses_over_steps(config, num_steps=6):
     return values, state, m, train.merge_model(graphdef, state)
 
 
-@pytest.mark.parametrize("method", ["ccnn", "full"])
+# ccnn (the solver on bfloat16-computed logits) stays in the default run; the supervised step
+# alone adds four compilations (minutes on a loaded 2-core machine) for little more coverage.
+@pytest.mark.parametrize("method", ["ccnn", pytest.param("full", marks=pytest.mark.slow)])
 def test_bfloat16_training_tracks_float32(method):
     """bfloat16 activations, float32 everything else: the losses of 6 steps stay within
     0.01 + 1% of float32's (measured: within 1e-3) and fall as much."""
