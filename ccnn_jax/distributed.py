@@ -44,6 +44,8 @@ HEARTBEAT_TIMEOUT_S = 100
 SHUTDOWN_TIMEOUT_S = 300
 #: How long processes wait at a barrier for process 0's one-off work (e.g. dataset preparation).
 PREPARE_TIMEOUT_S = 24 * 3600
+#: How long processes wait at a barrier for the slowest one to compile a step.
+COMPILE_TIMEOUT_S = 3600
 
 
 def initialize(
@@ -131,12 +133,36 @@ def main_process_first(fn: Callable[[], T], name: str, *, timeout_s: int = PREPA
     """
     if not is_multiprocess():
         return fn()
+    result = fn() if jax.process_index() == 0 else None
+    barrier(name, timeout_s=timeout_s)
+    return result if jax.process_index() == 0 else fn()
+
+
+def barrier(name: str, *, timeout_s: int = PREPARE_TIMEOUT_S) -> None:
+    """Waits until every process has reached the barrier named after ``name`` (through the
+    distributed service, not a collective); a no-op in a single-process run."""
+    if not is_multiprocess():
+        return
     import orbax.checkpoint as ocp
 
-    result = fn() if jax.process_index() == 0 else None
     key = f"{name} #{next(_barrier_count)}"  # unique: every process counts its barriers alike
     ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=int(timeout_s * 1000))
-    return result if jax.process_index() == 0 else fn()
+
+
+def compile_together(jitted: Callable, *args, name: str, timeout_s: int = COMPILE_TIMEOUT_S):
+    """Compiles ``jitted`` for ``args`` on every process, then meets the others at a barrier.
+
+    Call before the first call of a step that runs collectives. XLA's gloo CPU collectives set up
+    their communicator at the first collective with a fixed 30 s deadline for the peers' keys
+    ("Gloo context initialization failed: DEADLINE_EXCEEDED"): a peer still compiling on a
+    loaded machine would make the others fail. Compiled ahead and synchronised, only the
+    execution's skew is left. ``jitted.lower(...).compile()`` fills jit's own cache, so the
+    ordinary call that follows does not compile again. A no-op in a single-process run.
+    """
+    if not is_multiprocess():
+        return
+    jitted.lower(*args).compile()
+    barrier(name, timeout_s=timeout_s)
 
 
 def lockstep(batches: Iterable[dict], pad: Callable[[dict], dict]) -> Iterator[dict]:

@@ -293,7 +293,10 @@ def _train_steps(
     (``seconds`` before this call plus this call's, as recorded in the last checkpoint)."""
     seconds_before, t_start = seconds, time.time()
     for step in range(start_step + 1, last_step + 1):
-        state, step_metrics = steps.train(state, steps.put_batch(next(data_iter)))
+        batch = steps.put_batch(next(data_iter))
+        if step == start_step + 1:
+            distributed.compile_together(steps.train, state, batch, name="train step")
+        state, step_metrics = steps.train(state, batch)
         last = step == last_step
         log.add(step, step_metrics, last=last)
         if (checkpoint_every > 0 and step % checkpoint_every == 0) or last:
@@ -312,7 +315,10 @@ def evaluate(
     loader = _loader(config, split, batch_size=config.eval_batch_size, train=False, num_epochs=1)
     confusion = None
     for batch_np in distributed.lockstep(loader, pipeline.padding_like):
-        c = out.steps.eval(out.state, out.steps.put_batch(batch_np))
+        batch = out.steps.put_batch(batch_np)
+        if confusion is None:
+            distributed.compile_together(out.steps.eval, out.state, batch, name="eval step")
+        c = out.steps.eval(out.state, batch)
         confusion = c if confusion is None else confusion + c
     if confusion is None:
         raise ValueError(f"split {split!r} of {config.dataset!r} is empty")
@@ -331,7 +337,9 @@ def _grid_batch(out: TrainOutput, config: ml_collections.ConfigDict, num: int) -
         shard_by_process=False,
     )
     batch_np = next(iter(loader))
-    pred = jax.device_get(out.steps.predict(out.state, out.steps.put_batch(batch_np)))
+    batch = out.steps.put_batch(batch_np)
+    distributed.compile_together(out.steps.predict, out.state, batch, name="predict step")
+    pred = jax.device_get(out.steps.predict(out.state, batch))
     n = min(num, int(np.sum(batch_np["valid"])))
     return {
         "image": batch_np["image"][:n],
