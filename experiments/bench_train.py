@@ -21,9 +21,8 @@ temporaries, the same on every backend), the device's peak bytes in use where th
 reports it (GPU, TPU), and the host's peak resident memory. Writes ``<out>.json`` and
 ``<out>.md`` and prints both.
 
-Measured here (2-core shared CPU, load ~10): the synthetic default (UNet, 64x64, batch 16):
-see the README's training section. VGG-16 FCN-32s at 128x128, batch 2 (``voc.py:ccnn_vgg16``,
-full-size network, 134 M parameters): see ``ccnn_jax/configs/voc.py``.
+Measured: the synthetic default (UNet, 64x64, batch 16) in ``docs/results.md`` ("Train-step
+time"); VGG-16 FCN-32s at a reduced size (``voc.py:ccnn_vgg16``): ``ccnn_jax/configs/voc.py``.
 """
 
 import json

@@ -74,8 +74,11 @@ measures a step on the slice first.)
 
 Measured here, at a reduced size (2-core shared CPU, no accelerator; ``python
 experiments/bench_train.py --config ccnn_jax/configs/voc.py:ccnn_vgg16 --data=random
---config.image_size='(128, 128)' --config.batch_size=2``): see the numbers in
-``experiments/bench_train.py``'s docstring (the full-size VGG-16, 134 M parameters).
+--config.image_size='(128, 128)' --config.batch_size=2 --steps 6 --block 3``; the full-size
+VGG-16, 134 M parameters): not yet recorded. On 2026-11-28 the machine ran at load average
+12-16 and the bench had used 4 CPU minutes in 44 minutes of wall time without finishing its
+compilations and steps; rerun it on a quiet machine or a lent accelerator and record the table
+it prints here.
 
 Without ``vgg16``/``largefov`` the network is a UNet trained from scratch (the pre-backbone
 configs): expect clearly lower absolute mIoU than the paper; the ordering full > ccnn_size >
