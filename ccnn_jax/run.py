@@ -21,7 +21,7 @@ from etils import epath
 from flax import nnx
 
 from ccnn_jax import checkpoint as checkpoint_lib
-from ccnn_jax import configs, losses, metrics, pretrain, reporting
+from ccnn_jax import configs, distributed, losses, metrics, pretrain, reporting
 from ccnn_jax import train as train_lib
 from ccnn_jax.data import pipeline
 
@@ -96,9 +96,11 @@ def restore_or_init(
     progress: bool = True,
 ) -> tuple[train_lib.TrainState, int | None, float]:
     """The newest readable checkpoint in ``ckpt`` (state, and ``data_iter``'s position) or a
-    fresh state, replicated on the mesh. A fresh state is warm-started from ``config.init_from``
-    when set, else from the (cached) pretrained network when ``config.pretrain.steps > 0``
-    (:func:`ccnn_jax.pretrain.ensure_pretrained`, run only when there is no checkpoint).
+    fresh state, replicated on the mesh. A fresh state loads the ImageNet weights of
+    ``config.model.pretrained`` (:func:`ccnn_jax.train.load_pretrained`), then is warm-started
+    from ``config.init_from`` when set, else from the (cached) pretrained network when
+    ``config.pretrain.steps > 0`` (:func:`ccnn_jax.pretrain.ensure_pretrained`); none of these
+    runs when there is a checkpoint to resume from.
     ``abstract`` is the state's shape (``create_train_state(..., abstract=True)``).
 
     Returns ``(state, resumed_from, seconds)``: the restored step (None for a fresh state) and
@@ -113,7 +115,10 @@ def restore_or_init(
         resumed_from = int(ckpt_meta["step"])
         print(f"Resuming from checkpoint step {resumed_from} in {ckpt.directory}", flush=True)
         return steps.put_state(state), resumed_from, float(ckpt_meta["seconds"])
-    _, state, _ = train_lib.create_train_state(config, num_classes)
+    graphdef, state, _ = train_lib.create_train_state(
+        config, num_classes, sharding=steps.replicated
+    )
+    state = train_lib.load_pretrained(config, graphdef, state)
     init_from = config.init_from
     if not init_from and config.pretrain.steps > 0:
         init_from = pretrain.ensure_pretrained(config, progress=progress)
@@ -221,7 +226,12 @@ def train(
     _check_config(config)
     workdir = absolute(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    pipeline.prepare(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+    distributed.main_process_first(
+        lambda: pipeline.prepare(
+            config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir
+        ),
+        f"prepare {config.dataset} in {config.data_dir}",
+    )
     meta = pipeline.dataset_meta(config.dataset, data_dir=config.data_dir)
     spec = losses.loss_spec(config, meta)
     graphdef, abstract, tx = train_lib.create_train_state(config, meta.num_classes, abstract=True)
@@ -283,7 +293,10 @@ def _train_steps(
     (``seconds`` before this call plus this call's, as recorded in the last checkpoint)."""
     seconds_before, t_start = seconds, time.time()
     for step in range(start_step + 1, last_step + 1):
-        state, step_metrics = steps.train(state, steps.put_batch(next(data_iter)))
+        batch = steps.put_batch(next(data_iter))
+        if step == start_step + 1:
+            distributed.compile_together(steps.train, state, batch, name="train step")
+        state, step_metrics = steps.train(state, batch)
         last = step == last_step
         log.add(step, step_metrics, last=last)
         if (checkpoint_every > 0 and step % checkpoint_every == 0) or last:
@@ -301,8 +314,11 @@ def evaluate(
     """Confusion matrix accumulated over ``split`` and its summary (mIoU, accuracy, per class)."""
     loader = _loader(config, split, batch_size=config.eval_batch_size, train=False, num_epochs=1)
     confusion = None
-    for batch_np in loader:
-        c = out.steps.eval(out.state, out.steps.put_batch(batch_np))
+    for batch_np in distributed.lockstep(loader, pipeline.padding_like):
+        batch = out.steps.put_batch(batch_np)
+        if confusion is None:
+            distributed.compile_together(out.steps.eval, out.state, batch, name="eval step")
+        c = out.steps.eval(out.state, batch)
         confusion = c if confusion is None else confusion + c
     if confusion is None:
         raise ValueError(f"split {split!r} of {config.dataset!r} is empty")
@@ -321,7 +337,9 @@ def _grid_batch(out: TrainOutput, config: ml_collections.ConfigDict, num: int) -
         shard_by_process=False,
     )
     batch_np = next(iter(loader))
-    pred = jax.device_get(out.steps.predict(out.state, out.steps.put_batch(batch_np)))
+    batch = out.steps.put_batch(batch_np)
+    distributed.compile_together(out.steps.predict, out.state, batch, name="predict step")
+    pred = jax.device_get(out.steps.predict(out.state, batch))
     n = min(num, int(np.sum(batch_np["valid"])))
     return {
         "image": batch_np["image"][:n],
