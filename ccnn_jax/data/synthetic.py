@@ -62,6 +62,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     max_objects: int = 3
     min_area: float = 0.015  # object area as a fraction of the image, drawn log-uniformly
     max_area: float = 0.3
+    scene: str = "shapes"  # or "streets" (ccnn_jax/data/streets.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,6 +357,16 @@ class CcnnSynthetic(tfds.core.GeneratorBasedBuilder):
             description="32x32, 48 train / 16 validation images (for tests).",
             image_size=32, num_train=48, num_validation=16,
         ),
+        SyntheticConfig(
+            name="streets", scene="streets",
+            description="CamVid-like street scenes, 11 classes, 64x64, 4000 / 500 images.",
+            image_size=64, num_train=4000, num_validation=500,
+        ),
+        SyntheticConfig(
+            name="streets_tiny", scene="streets",
+            description="Street scenes, 32x32, 48 train / 16 validation images (for tests).",
+            image_size=32, num_train=48, num_validation=16,
+        ),
     ]  # fmt: skip
     DEFAULT_CONFIG_NAME = "default"
 
@@ -364,12 +375,12 @@ class CcnnSynthetic(tfds.core.GeneratorBasedBuilder):
         super().__init__(file_format=file_format or "array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
+        names = scene_generator(self.builder_config)[0]
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
             features=common.segmentation_features(
-                CLASS_NAMES,
-                large=tfds.features.Sequence(tfds.features.ClassLabel(names=CLASS_NAMES)),
+                names, large=tfds.features.Sequence(tfds.features.ClassLabel(names=names)),
             ),
             supervised_keys=None,
         )
@@ -386,8 +397,20 @@ class CcnnSynthetic(tfds.core.GeneratorBasedBuilder):
         yield from encoded_examples(self.builder_config, split, num_examples)
 
 
+def scene_generator(config: SyntheticConfig):
+    """``(class_names, generate_scene)`` of ``config.scene``: ``"shapes"`` (this module) or
+    ``"streets"`` (:mod:`ccnn_jax.data.streets`, CamVid's 11 classes, no background)."""
+    if config.scene == "shapes":
+        return CLASS_NAMES, generate_scene
+    if config.scene == "streets":
+        from ccnn_jax.data import streets  # it imports this module: import here, not on top
+
+        return streets.CLASS_NAMES, streets.generate_scene
+    raise ValueError(f"config.scene: expected 'shapes' or 'streets', got {config.scene!r}")
+
+
 def _encoded_example(config: SyntheticConfig, split: str, index: int) -> tuple[int, dict]:
-    scene = generate_scene(config.seed, split, index, config)
+    scene = scene_generator(config)[1](config.seed, split, index, config)
     return index, {
         "image": common.encode_png(scene.image, compress_level=0),
         "segmentation_mask": common.encode_mask(scene.mask),
