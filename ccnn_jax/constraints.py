@@ -30,6 +30,32 @@ Array = jax.Array
 SIZE_HARDNESS = 1000.0
 
 
+@dataclasses.dataclass(frozen=True)
+class TagBounds:
+    """The bounds of :func:`from_tags`, as fractions of the image (``fg_slack``: a penalty).
+
+    Attributes:
+      fg_lower: lower bound of each present foreground label.
+      fg_slack: slack penalty of those lower bounds (``inf`` makes them hard).
+      bg_lower, bg_upper: hard bounds of the background when any foreground is present.
+      size_fg_lower: hard lower bound of a present label with its size bit set.
+      size_bg_lower, size_bg_upper: hard background bounds when any size bit is set.
+    """
+
+    fg_lower: float = 0.05
+    fg_slack: float = 2.0
+    bg_lower: float = 0.3
+    bg_upper: float = 0.7
+    size_fg_lower: float = 0.1
+    size_bg_lower: float = 0.2
+    size_bg_upper: float = 0.7
+
+
+#: The original CCNN's bounds for PASCAL VOC (``python_layers.py``): the defaults of
+#: :func:`from_tags` and of ``configs.base().constraints``.
+VOC_BOUNDS = TagBounds()
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LinearConstraints:
@@ -119,16 +145,16 @@ def from_tags(
     tags: Array,
     *,
     background: int | None = 0,
-    fg_lower: float = 0.05,
-    fg_slack: float = 2.0,
-    bg_lower: float = 0.3,
-    bg_upper: float = 0.7,
+    fg_lower: float = VOC_BOUNDS.fg_lower,
+    fg_slack: float = VOC_BOUNDS.fg_slack,
+    bg_lower: float = VOC_BOUNDS.bg_lower,
+    bg_upper: float = VOC_BOUNDS.bg_upper,
     size: Array | None = None,
-    size_fg_lower: float = 0.1,
-    size_bg_lower: float = 0.2,
-    size_bg_upper: float = 0.7,
+    size_fg_lower: float = VOC_BOUNDS.size_fg_lower,
+    size_bg_lower: float = VOC_BOUNDS.size_bg_lower,
+    size_bg_upper: float = VOC_BOUNDS.size_bg_upper,
 ) -> LinearConstraints:
-    r"""CCNN's constraints from image-level tags (the original ``python_layers.py`` defaults).
+    r"""CCNN's constraints from image-level tags (default bounds: :data:`VOC_BOUNDS`).
 
     Labels absent from ``tags`` are masked (P = 0; the suppression constraint). Every present
     foreground label l gets :math:`\frac1N\sum_i P_i(l) \ge` ``fg_lower`` with slack penalty
@@ -208,8 +234,9 @@ def foreground(alpha: Array, beta: Array | float = jnp.inf, mask: Array | None =
     )
 
 
-def box(box_mask: Array, label: int, num_labels: int, *, fraction: float = 0.75,
-        beta: float = jnp.inf) -> LinearConstraints:
+def box(
+    box_mask: Array, label: int, num_labels: int, *, fraction: float = 0.75, beta: float = jnp.inf
+) -> LinearConstraints:
     r"""At least ``fraction`` of the box's pixels take ``label`` (the paper's bounding boxes).
 
     The row is :math:`\frac1N\sum_i [i \in box] P_i(label) \ge fraction \cdot |box| / N`,

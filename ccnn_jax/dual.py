@@ -90,8 +90,9 @@ class Certificate(NamedTuple):
     max_violation: Array
 
 
-def make_problem(log_q: Array, cons: LinearConstraints, hardness=1.0,
-                 factorise: bool = False) -> Problem:
+def make_problem(
+    log_q: Array, cons: LinearConstraints, hardness=1.0, factorise: bool = False
+) -> Problem:
     """Flattens ``log_q`` (*pixels, K) and ``cons.weights`` (C, *pixels) to N pixels.
 
     ``factorise`` (no weights only) also stores exp(s f_il - m_i), with which :func:`_latent`
@@ -139,9 +140,11 @@ def _latent(lam_C: Array, prob: Problem) -> tuple[Array, Array]:
     shift_K = prob.hardness * _shift(lam_C, prob)
     top = jnp.max(jnp.where(prob.mask_K, shift_K, -jnp.inf))
     span = top - jnp.min(jnp.where(prob.mask_K, shift_K, jnp.inf))
-    return jax.lax.cond(span <= FACTOR_SPAN,
-                        lambda: _latent_factorised(shift_K, top, prob),
-                        lambda: _latent_exact(lam_C, prob))
+    return jax.lax.cond(
+        span <= FACTOR_SPAN,
+        lambda: _latent_factorised(shift_K, top, prob),
+        lambda: _latent_exact(lam_C, prob),
+    )
 
 
 def _latent_factorised(shift_K: Array, top: Array, prob: Problem) -> tuple[Array, Array]:
@@ -208,8 +211,13 @@ def evaluate(lam_C: Array, prob: Problem, with_hessian: bool = True) -> DualEval
     value = _values(p, prob)
     logz = (lse - prob.lse0_N) / prob.hardness
     hess = _neg_hessian(p, prob) if with_hessian else None
-    return DualEval(g=lam_C @ prob.b_C - jnp.mean(logz), grad_C=prob.b_C - value, value_C=value,
-                    neg_hess_CxC=hess, logz_N=logz)
+    return DualEval(
+        g=lam_C @ prob.b_C - jnp.mean(logz),
+        grad_C=prob.b_C - value,
+        value_C=value,
+        neg_hess_CxC=hess,
+        logz_N=logz,
+    )
 
 
 def rise(new: DualEval, old: DualEval, lam_new: Array, lam_old: Array, prob: Problem) -> Array:

@@ -141,8 +141,13 @@ def _newton_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
         return 1e-6 * jnp.max(jnp.diag(ev.neg_hess_CxC)) + 1e-12
 
     init = _Loop(
-        it=jnp.asarray(1, jnp.int32), lam=lam0, ev=ev0, step=mu_floor(ev0),
-        radius=_initial_radius(prob), opt_state=(), updates=jnp.zeros_like(lam0),
+        it=jnp.asarray(1, jnp.int32),
+        lam=lam0,
+        ev=ev0,
+        step=mu_floor(ev0),
+        radius=_initial_radius(prob),
+        opt_state=(),
+        updates=jnp.zeros_like(lam0),
         done=_finished(lam0, ev0, prob, upper, tol),
     )
 
@@ -184,7 +189,8 @@ def scale_by_barzilai_borwein(alpha_init: Array, min_alpha=1e-10, max_alpha=1e10
 
     def init_fn(params):
         return BarzilaiBorweinState(
-            prev_params=params, prev_grads=jnp.zeros_like(params),
+            prev_params=params,
+            prev_grads=jnp.zeros_like(params),
             alpha=jnp.asarray(alpha_init, jnp.float32),
         )
 
@@ -207,19 +213,26 @@ def _pga_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
         lip = jnp.max(jnp.sum(prob.a_CxK**2, axis=0))
     else:
         lip = jnp.max(jnp.einsum("ci,cl->il", prob.w_CxN**2, prob.a_CxK**2))
-    tx = optax.chain(scale_by_barzilai_borwein(1.0 / (prob.hardness * lip + 1e-12)),
-                     optax.scale(-1.0))
+    tx = optax.chain(
+        scale_by_barzilai_borwein(1.0 / (prob.hardness * lip + 1e-12)), optax.scale(-1.0)
+    )
     # optax minimises: feed it -grad g, so its updates ascend g.
     updates, opt_state = tx.update(-ev0.grad_C, tx.init(lam0), lam0)
     init = _Loop(
-        it=jnp.asarray(1, jnp.int32), lam=lam0, ev=ev0, step=jnp.asarray(1.0, jnp.float32),
-        radius=jnp.asarray(0.0, jnp.float32), opt_state=opt_state, updates=updates,
+        it=jnp.asarray(1, jnp.int32),
+        lam=lam0,
+        ev=ev0,
+        step=jnp.asarray(1.0, jnp.float32),
+        radius=jnp.asarray(0.0, jnp.float32),
+        opt_state=opt_state,
+        updates=updates,
         done=_finished(lam0, ev0, prob, upper, tol),
     )
 
     def body(st: _Loop) -> _Loop:
         lam_new = optax.projections.projection_box(
-            optax.apply_updates(st.lam, st.step * st.updates), 0.0, upper)
+            optax.apply_updates(st.lam, st.step * st.updates), 0.0, upper
+        )
         ev_new = dual.evaluate(lam_new, prob, with_hessian=False)
         ok = _accept(ev_new, st.ev, lam_new, st.lam, prob, upper)
         new_updates, new_opt_state = tx.update(-ev_new.grad_C, st.opt_state, lam_new)
@@ -228,7 +241,10 @@ def _pga_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
         ev = jax.tree.map(pick, ev_new, st.ev)
         stuck = jnp.max(jnp.abs(lam_new - st.lam)) <= 1e-30
         return st._replace(
-            it=st.it + 1, lam=lam, ev=ev, step=jnp.where(ok, 1.0, st.step * 0.25),
+            it=st.it + 1,
+            lam=lam,
+            ev=ev,
+            step=jnp.where(ok, 1.0, st.step * 0.25),
             opt_state=jax.tree.map(pick, new_opt_state, st.opt_state),
             updates=pick(new_updates, st.updates),
             done=_finished(lam, ev, prob, upper, tol) | stuck,
@@ -254,8 +270,13 @@ def _solve(log_q, cons, tol, hardness, max_lambda, *, method, max_iter, factoris
     feasible = ~(jnp.any(at_cap) | _infeasible(st.lam, prob, tol))
     converged = _converged(st.lam, st.ev, prob, upper, tol) & feasible
     info = SolveInfo(
-        iterations=st.it, max_violation=violation, gap=gap, converged=converged,
-        feasible=feasible, primal=st.ev.g + gap, dual=st.ev.g,
+        iterations=st.it,
+        max_violation=violation,
+        gap=gap,
+        converged=converged,
+        feasible=feasible,
+        primal=st.ev.g + gap,
+        dual=st.ev.g,
     )
     return Solution(lam=st.lam, p=p.reshape(log_q.shape), info=info)
 
@@ -290,22 +311,31 @@ def _check(log_q, cons: LinearConstraints, method, batched: bool) -> None:
         want = "(B, *pixels, K)" if batched else "(*pixels, K)"
         raise ValueError(f"log_q must have shape {want} with K = {k}, got {log_q.shape}")
     if batched and log_q.shape[0] != cons.a.shape[0]:
-        raise ValueError(
-            f"log_q has batch {log_q.shape[0]} but cons has batch {cons.a.shape[0]}")
+        raise ValueError(f"log_q has batch {log_q.shape[0]} but cons has batch {cons.a.shape[0]}")
     if cons.weights is not None:
         want = (*log_q.shape[:lead], cons.a.shape[-2], *log_q.shape[lead:-1])
         if tuple(cons.weights.shape) != want:
-            raise ValueError(f"cons.weights must have shape {want} (C, *pixels), "
-                             f"got {cons.weights.shape}")
+            raise ValueError(
+                f"cons.weights must have shape {want} (C, *pixels), got {cons.weights.shape}"
+            )
     if _is_concrete(log_q):
         if bool(jnp.any(jnp.isnan(log_q) | (log_q == jnp.inf))):  # reduced on device
-            raise ValueError("log_q contains NaN or +inf; expected finite logits or "
-                             "log-probabilities (-inf allowed for q = 0)")
+            raise ValueError(
+                "log_q contains NaN or +inf; expected finite logits or "
+                "log-probabilities (-inf allowed for q = 0)"
+            )
 
 
-def solve(log_q: Array, cons: LinearConstraints, *, method: str = "newton", tol: float = 1e-6,
-          max_iter: int | None = None, hardness: float = 1.0,
-          max_lambda: float = 1e6) -> Solution:
+def solve(
+    log_q: Array,
+    cons: LinearConstraints,
+    *,
+    method: str = "newton",
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    hardness: float = 1.0,
+    max_lambda: float = 1e6,
+) -> Solution:
     r"""Finds the P closest to Q in KL under ``cons``, by maximising the concave dual on its box.
 
     .. math::
@@ -333,9 +363,17 @@ def solve(log_q: Array, cons: LinearConstraints, *, method: str = "newton", tol:
     return _solve_jit(log_q, cons, tol, hardness, max_lambda, method=method, max_iter=max_iter)
 
 
-def solve_batch(log_q: Array, cons: LinearConstraints, *, method: str = "newton",
-                tol: float = 1e-6, max_iter: int | None = None, hardness: float = 1.0,
-                max_lambda: float = 1e6, sequential: bool | None = None) -> Solution:
+def solve_batch(
+    log_q: Array,
+    cons: LinearConstraints,
+    *,
+    method: str = "newton",
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    hardness: float = 1.0,
+    max_lambda: float = 1e6,
+    sequential: bool | None = None,
+) -> Solution:
     """``solve`` mapped over a leading image axis of ``log_q`` and of every field of ``cons``.
 
     ``sequential=False`` vmaps: the images run in lockstep, so each costs the batch's largest
@@ -349,5 +387,13 @@ def solve_batch(log_q: Array, cons: LinearConstraints, *, method: str = "newton"
     max_iter = max_iter or _DEFAULT_MAX_ITER[method]
     if sequential is None:
         sequential = jax.default_backend() == "cpu"
-    return _solve_batch_jit(log_q, cons, tol, hardness, max_lambda, method=method,
-                            max_iter=max_iter, sequential=bool(sequential))
+    return _solve_batch_jit(
+        log_q,
+        cons,
+        tol,
+        hardness,
+        max_lambda,
+        method=method,
+        max_iter=max_iter,
+        sequential=bool(sequential),
+    )

@@ -29,254 +29,129 @@ Usage::
 from __future__ import annotations
 
 import datetime
-import functools
 import json
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from ccnn_jax import constraints, reference, solve_batch
-
-flags.DEFINE_list("sizes", ["40", "64", "128"], "Image side lengths H = W (N = side^2).")
-flags.DEFINE_list("batches", ["1", "32"], "Batch sizes; the largest is the number of problems.")
-flags.DEFINE_list("methods", ["newton", "pga"], "Solver methods to time.")
-flags.DEFINE_list("modes", ["sequential", "vmap"], "solve_batch modes to time: 'sequential' "
-                  "(lax.map, the CPU default) and/or 'vmap' (the accelerator default).")
-flags.DEFINE_integer("num_classes", 21, "K for the tag-constraint problems (VOC: 21).")
-flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (the median is reported).")
-flags.DEFINE_integer("seed", 0, "Seed of the random problems.")
-flags.DEFINE_integer("cvxpy_max_n", 1600, "Largest N on which CVXPY/Clarabel is run.")
-flags.DEFINE_integer("cvxpy_images", 2, "Images per size solved with CVXPY/Clarabel.")
-flags.DEFINE_integer("scipy_images", 4, "Images per size solved with SciPy L-BFGS-B.")
-flags.DEFINE_float("ref_budget_s", 60.0, "Time budget per reference and size; no new image "
-                   "is started once it is spent (at least one image always runs).")
-flags.DEFINE_integer("seed_side", 32, "Side of the seed's foreground problem (N = side^2).")
-flags.DEFINE_integer("seed_classes", 11, "K of the seed's foreground problem.")
-flags.DEFINE_float("seed_alpha", 0.05, "Hard lower bound per label of the seed's problem.")
-flags.DEFINE_integer("seed_images", 3, "Images of the seed's problem (each solved at batch 1).")
-flags.DEFINE_bool("quick", False, "Smoke run: tiny sizes and repeats (overrides the sizes).")
-flags.DEFINE_string("out", None, "If set, writes <out>.json and <out>.md.")
+from ccnn_jax import reporting
+from ccnn_jax.benchmark import (
+    MODES,
+    bench_batches,
+    bench_reference,
+    cvxpy_p,
+    default_mode,
+    scipy_p,
+    seed_problems,
+    tag_problems,
+)
 
 #: ``--quick``: one tiny size at batch 1 (each shape costs a compile of several seconds).
-QUICK = dict(sizes=[8], batches=[1], repeats=2, cvxpy_max_n=64, cvxpy_images=1,
-             scipy_images=1, seed_side=8, seed_images=1, ref_budget_s=20.0)
+QUICK = dict(
+    sizes=[8],
+    batches=[1],
+    repeats=2,
+    cvxpy_max_n=64,
+    cvxpy_images=1,
+    scipy_images=1,
+    seed_side=8,
+    seed_images=1,
+    ref_budget_s=20.0,
+)
 
-MAIN_COLUMNS = ["N (HxW)", "batch", "method", "mode", "ms/image", "passes", "iters mean",
-                "iters max", "worst gap", "worst viol", "converged", "active", "compile s"]
-REF_COLUMNS = ["problem", "N", "reference", "images", "ref ms/image", "newton ms/image",
-               "ref/newton", "pga ms/image", "ref/pga", "max|P_newton-P_ref|"]
-
-
-# ----------------------------------------------------------------------------- problems
-
-
-def smooth_logits(rng: np.random.Generator, b: int, side: int, k: int, *, scale=2.0, grid=5,
-                  label_bias_sd=2.0, background_bias=(0.0, 4.0)) -> np.ndarray:
-    """Network-like logits (B, side, side, K): smooth random fields plus per-image label biases.
-
-    A (grid x grid) Gaussian field per label, bilinearly upsampled and scaled, plus a per-image
-    N(0, label_bias_sd^2) bias per label (some labels tiny, some dominant) and an extra
-    U(background_bias) on label 0, so that CCNN's background bounds and 5% foreground lower
-    bounds are often violated by Q.
-    """
-    low = rng.normal(size=(b, grid, grid, k)).astype(np.float32)
-    up = np.asarray(jax.image.resize(jnp.asarray(low), (b, side, side, k), "bilinear"))
-    logits = scale * up + rng.normal(0.0, label_bias_sd, size=(b, 1, 1, k)).astype(np.float32)
-    if background_bias is not None:
-        logits[..., 0] += rng.uniform(*background_bias, size=(b, 1, 1)).astype(np.float32)
-    return logits.astype(np.float32)
-
-
-def random_tags(rng: np.random.Generator, b: int, k: int) -> np.ndarray:
-    """(B, K) multi-hot: background (label 0) plus 1-3 distinct random foreground labels."""
-    tags = np.zeros((b, k), np.float32)
-    tags[:, 0] = 1.0
-    for i in range(b):
-        tags[i, rng.choice(np.arange(1, k), rng.integers(1, 4), replace=False)] = 1.0
-    return tags
-
-
-def tag_problems(rng, b: int, side: int, k: int):
-    """(log_q (B, side, side, K) numpy, stacked LinearConstraints from ``from_tags``)."""
-    log_q = smooth_logits(rng, b, side, k)
-    cons = jax.vmap(constraints.from_tags)(jnp.asarray(random_tags(rng, b, k)))
-    return log_q, cons
-
-
-def seed_problems(rng, b: int, side: int, k: int, alpha: float):
-    """The seed's demonstration: hard ``sum_i P_i(l) >= alpha N`` for every label."""
-    log_q = smooth_logits(rng, b, side, k, background_bias=None)
-    one = constraints.foreground(jnp.full((k,), alpha, jnp.float32))
-    cons = jax.tree.map(lambda x: jnp.broadcast_to(x, (b, *x.shape)), one)
-    return log_q, cons
-
-
-def take(cons, i: int, j: int | None = None):
-    """Images i (single, unbatched) or i:j (batched) of a stacked constraint set."""
-    return jax.tree.map(lambda x: x[i] if j is None else x[i:j], cons)
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def paired_ms(fn: Callable[[], object], ref: Callable[[], object], repeats: int,
-              min_ms: float = 5.0) -> tuple[float, float, float]:
-    """Median ms of ``fn`` and of ``ref``, and the median of their per-repeat ratio, timing the
-    two back to back in every repeat so that both see the same load on a shared machine."""
-    inner = []
-    for f in (fn, ref):
-        jax.block_until_ready(f())
-        t0 = time.perf_counter()
-        jax.block_until_ready(f())
-        inner.append(max(1, int(np.ceil(min_ms / max((time.perf_counter() - t0) * 1e3, 1e-3)))))
-    times = np.zeros((repeats, 2))
-    for r in range(repeats):
-        for j, (f, n) in enumerate(zip((fn, ref), inner, strict=True)):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                out = f()
-            jax.block_until_ready(out)
-            times[r, j] = (time.perf_counter() - t0) * 1e3 / n
-    med = np.median(times, axis=0)
-    return float(med[0]), float(med[1]), float(np.median(times[:, 0] / times[:, 1]))
-
-
-MODES = {"sequential": True, "vmap": False}
-"""``solve_batch(sequential=...)``: one image after the other, or all in lockstep."""
-
-
-def default_mode() -> str:
-    """The mode ``solve_batch`` picks by default on this backend."""
-    return "sequential" if jax.default_backend() == "cpu" else "vmap"
-
-
-@functools.cache
-def jitted_solver(method: str, mode: str | None = None):
-    """``solve_batch`` under an outer jit, so the eager input checks are not timed."""
-    return jax.jit(functools.partial(solve_batch, method=method,
-                                     sequential=MODES[mode or default_mode()]))
-
-
-_log_softmax = jax.jit(jax.nn.log_softmax)
-
-
-def bench_batches(log_q, cons, batches: Sequence[int], methods: Sequence[str], repeats: int,
-                  modes: Sequence[str] = ("sequential", "vmap")):
-    """Times every (batch, method, mode) on all images; returns rows and per-image batch-1 data
-    (of the backend's default mode)."""
-    total = log_q.shape[0]
-    log_q = jnp.asarray(log_q)
-    rows, per_image = [], {}
-    for b in batches:
-        chunks = [(i, i + b) for i in range(0, total - b + 1, b)]
-        inputs = [(log_q[i:j], take(cons, i, j)) for i, j in chunks]
-        for method, mode in [(m, o) for m in methods for o in modes]:
-            solver = jitted_solver(method, mode)
-            t0 = time.perf_counter()
-            jax.block_until_ready(solver(*inputs[0]))
-            compile_s = time.perf_counter() - t0
-            # each chunk's solve timed back to back with log_softmax over the same logits
-            paired = [paired_ms(lambda x=x, c=c, f=solver: f(x, c),
-                                lambda x=x: _log_softmax(x), repeats) for x, c in inputs]
-            times = [t for t, _, _ in paired]
-            softmax_ms = sum(t for _, t, _ in paired)
-            passes = sum(r * t for _, t, r in paired) / softmax_ms
-            sols = [solver(x, c) for x, c in inputs]
-            info = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
-                                *[s.info for s in sols])
-            lam = np.concatenate([np.asarray(s.lam) for s in sols])
-            n_img = len(chunks) * b
-            rows.append({
-                "batch": b, "method": method, "mode": mode,
-                "ms_per_image": sum(times) / n_img,
-                "passes": passes,
-                "softmax_ms_per_image": softmax_ms / n_img,
-                "iters_mean": float(info.iterations.mean()),
-                "iters_max": int(info.iterations.max()),
-                "worst_gap": float(np.max(np.abs(info.gap))),
-                "worst_violation": float(info.max_violation.max()),
-                "converged": float(info.converged.mean()),
-                "feasible": float(info.feasible.mean()),
-                "active": float((np.abs(lam).max(axis=-1) > 0).mean()),
-                "images": n_img,
-                "compile_s": compile_s,
-            })
-            if b == 1 and mode == default_mode():
-                per_image[method] = {
-                    "ms": np.asarray(times),
-                    "p": [np.asarray(s.p[0]).reshape(-1, log_q.shape[-1]) for s in sols],
-                }
-    return rows, per_image
-
-
-# ----------------------------------------------------------------------------- references
-
-
-def bench_reference(name: str, fn, log_q, cons, images: int, budget_s: float, ours: dict):
-    """Runs a reference on up to ``images`` images within ``budget_s``; compares to batch-1 ours.
-
-    ``ours[method]`` holds batch-1 per-image times ("ms") and solutions ("p") of each method.
-    """
-    fn(log_q[0, :2, :2], take(cons, 0))  # warm-up: imports, first-call setup (not timed)
-    ref_ms, diffs, done = [], [], 0
-    start = time.perf_counter()
-    for i in range(min(images, log_q.shape[0])):
-        if done and time.perf_counter() - start > budget_s:
-            break
-        c = take(cons, i)
-        t0 = time.perf_counter()
-        p_ref = fn(log_q[i], c)
-        ref_ms.append((time.perf_counter() - t0) * 1e3)
-        diffs.append(float(np.max(np.abs(ours["newton"]["p"][i] - p_ref))))
-        done += 1
-    row = {"reference": name, "images": done, "ref_ms_per_image": float(np.mean(ref_ms)),
-           "max_abs_dp_newton": float(max(diffs))}
-    for method in ("newton", "pga"):
-        if method in ours:
-            mine = float(np.mean(ours[method]["ms"][:done]))
-            row[f"{method}_ms_per_image"] = mine
-            row[f"ref_over_{method}"] = row["ref_ms_per_image"] / mine
-    return row
-
-
-def cvxpy_p(log_q, cons, hardness=1.0):
-    return reference.cvxpy_primal(log_q, cons, hardness)[0]
-
-
-def scipy_p(log_q, cons, hardness=1.0):
-    return reference.scipy_dual(log_q, cons, hardness)[1]
+MAIN_COLUMNS = [
+    "N (HxW)",
+    "batch",
+    "method",
+    "mode",
+    "ms/image",
+    "passes",
+    "iters mean",
+    "iters max",
+    "worst gap",
+    "worst viol",
+    "converged",
+    "active",
+    "compile s",
+]
+REF_COLUMNS = [
+    "problem",
+    "N",
+    "reference",
+    "images",
+    "ref ms/image",
+    "newton ms/image",
+    "ref/newton",
+    "pga ms/image",
+    "ref/pga",
+    "max|P_newton-P_ref|",
+]
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def run(sizes: Sequence[int], batches: Sequence[int], methods: Sequence[str], *,
-        modes: Sequence[str] = ("sequential", "vmap"), num_classes=21, repeats=5, seed=0,
-        cvxpy_max_n=1600, cvxpy_images=2, scipy_images=4,
-        ref_budget_s=60.0, seed_side=32, seed_classes=11, seed_alpha=0.05, seed_images=3,
-        log: Callable[[str], None] = print) -> dict:
-    """Runs the whole benchmark and returns a json-able dict of rows and settings."""
+def _checked(sizes, batches, methods, modes) -> tuple[list[int], list[str]]:
+    """Validates the arguments of :func:`run`; returns the batches and modes to time."""
     if not modes or set(modes) - set(MODES):
         raise ValueError(f"modes must be among {list(MODES)}, got {list(modes)}")
     if default_mode() not in modes:
         modes = [default_mode(), *modes]  # the reference comparison uses the default mode
     if "newton" not in methods:
-        raise ValueError(f"methods must include 'newton' (the reference ratios use it), got "
-                         f"{list(methods)}")
+        raise ValueError(
+            f"methods must include 'newton' (the reference ratios use it), got {list(methods)}"
+        )
     bad = [b for b in batches if b < 1]
     if bad or not batches or not sizes or min(sizes) < 2:
-        raise ValueError(f"sizes must be >= 2 and batches >= 1, got sizes={list(sizes)}, "
-                         f"batches={list(batches)}")
+        raise ValueError(
+            f"sizes must be >= 2 and batches >= 1, got sizes={list(sizes)}, batches={list(batches)}"
+        )
     batches = sorted(set(batches))
     if 1 not in batches:
         batches = [1, *batches]  # the reference comparison is per image at batch 1
+    return batches, list(modes)
+
+
+_REFERENCES = {"CVXPY+Clarabel": cvxpy_p, "SciPy L-BFGS-B": scipy_p}
+
+
+def _reference_rows(problem, n, images: dict[str, int], log_q, cons, budget_s, ours, log):
+    """One row per reference in ``images`` (name -> number of images; 0 skips it)."""
+    rows = []
+    for name, count in images.items():
+        if count > 0:
+            log(f"[bench]   {name} on {count} image(s)")
+            row = bench_reference(name, _REFERENCES[name], log_q, cons, count, budget_s, ours)
+            rows.append({"problem": problem, "n": n, **row})
+    return rows
+
+
+def run(
+    sizes: Sequence[int],
+    batches: Sequence[int],
+    methods: Sequence[str],
+    *,
+    modes: Sequence[str] = ("sequential", "vmap"),
+    num_classes=21,
+    repeats=5,
+    seed=0,
+    cvxpy_max_n=1600,
+    cvxpy_images=2,
+    scipy_images=4,
+    ref_budget_s=60.0,
+    seed_side=32,
+    seed_classes=11,
+    seed_alpha=0.05,
+    seed_images=3,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Runs the whole benchmark and returns a json-able dict of rows and settings."""
+    batches, modes = _checked(sizes, batches, methods, modes)
     rng = np.random.default_rng(seed)
     main_rows, ref_rows = [], []
     for side in sizes:
@@ -284,43 +159,48 @@ def run(sizes: Sequence[int], batches: Sequence[int], methods: Sequence[str], *,
         log(f"[bench] tags K={num_classes}, N={n} ({side}x{side}), {max(batches)} images")
         log_q, cons = tag_problems(rng, max(batches), side, num_classes)
         rows, ours = bench_batches(log_q, cons, batches, methods, repeats, modes)
-        for r in rows:
-            main_rows.append({"n": n, "side": side, **r})
-        problem = f"tags K={num_classes}"
-        if n <= cvxpy_max_n and cvxpy_images > 0:
-            log(f"[bench]   CVXPY/Clarabel on {cvxpy_images} image(s)")
-            ref_rows.append({"problem": problem, "n": n, **bench_reference(
-                "CVXPY+Clarabel", cvxpy_p, log_q, cons, cvxpy_images, ref_budget_s, ours)})
-        if scipy_images > 0:
-            log(f"[bench]   SciPy L-BFGS-B on {scipy_images} image(s)")
-            ref_rows.append({"problem": problem, "n": n, **bench_reference(
-                "SciPy L-BFGS-B", scipy_p, log_q, cons, scipy_images, ref_budget_s, ours)})
+        main_rows += [{"n": n, "side": side, **r} for r in rows]
+        images = {
+            "CVXPY+Clarabel": cvxpy_images if n <= cvxpy_max_n else 0,
+            "SciPy L-BFGS-B": scipy_images,
+        }
+        ref_rows += _reference_rows(
+            f"tags K={num_classes}", n, images, log_q, cons, ref_budget_s, ours, log
+        )
 
     n = seed_side * seed_side
     log(f"[bench] seed foreground K={seed_classes}, N={n}, alpha={seed_alpha}, batch 1")
     log_q, cons = seed_problems(rng, seed_images, seed_side, seed_classes, seed_alpha)
     rows, ours = bench_batches(log_q, cons, [1], ["newton"], repeats, [default_mode()])
     seed_main = [{"n": n, "side": seed_side, **r} for r in rows]
-    problem = f"seed fg K={seed_classes}"
-    seed_refs = [
-        {"problem": problem, "n": n, **bench_reference(
-            "CVXPY+Clarabel", cvxpy_p, log_q, cons, seed_images, ref_budget_s, ours)},
-        {"problem": problem, "n": n, **bench_reference(
-            "SciPy L-BFGS-B", scipy_p, log_q, cons, seed_images, ref_budget_s, ours)},
-    ]
+    images = dict.fromkeys(_REFERENCES, seed_images)
+    seed_refs = _reference_rows(
+        f"seed fg K={seed_classes}", n, images, log_q, cons, ref_budget_s, ours, log
+    )
+    settings = dict(
+        sizes=list(sizes),
+        batches=list(batches),
+        methods=list(methods),
+        modes=list(modes),
+        num_classes=num_classes,
+        repeats=repeats,
+        seed=seed,
+        cvxpy_max_n=cvxpy_max_n,
+        seed_side=seed_side,
+        seed_classes=seed_classes,
+        seed_alpha=seed_alpha,
+    )
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]) if sys.argv else "",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
-                   f"on {jax.default_backend()}",
+        f"on {jax.default_backend()}",
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "settings": dict(sizes=list(sizes), batches=list(batches), methods=list(methods),
-                         modes=list(modes),
-                         num_classes=num_classes, repeats=repeats, seed=seed,
-                         cvxpy_max_n=cvxpy_max_n, seed_side=seed_side,
-                         seed_classes=seed_classes, seed_alpha=seed_alpha),
-        "main": main_rows, "references": ref_rows,
-        "seed_main": seed_main, "seed_references": seed_refs,
+        "settings": settings,
+        "main": main_rows,
+        "references": ref_rows,
+        "seed_main": seed_main,
+        "seed_references": seed_refs,
         "headline": headline(main_rows, seed_refs),
     }
 
@@ -332,9 +212,11 @@ def headline(main_rows, seed_refs) -> dict:
     if big:
         top = max(r["batch"] for r in big)
         out["newton_passes_n4096"] = {
-            "batch": top, "target": 10.0,
+            "batch": top,
+            "target": 10.0,
             "passes": {r["mode"]: r["passes"] for r in big if r["batch"] == top},
-            "default_mode": default_mode()}
+            "default_mode": default_mode(),
+        }
     for ref in seed_refs:
         key = "cvxpy" if ref["reference"].startswith("CVXPY") else "scipy"
         out[f"seed_speedup_vs_{key}"] = ref["ref_over_newton"]
@@ -353,74 +235,128 @@ def _g(x: float, digits=3) -> str:
 
 
 def _table(columns, rows) -> list[str]:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+    """Markdown table lines of rows of formatted cells."""
+    table = reporting.markdown_table([dict(zip(columns, r, strict=True)) for r in rows], columns)
+    return table.splitlines()
 
 
 def _main_cells(r) -> list[str]:
-    return [f"{r['n']} ({r['side']}x{r['side']})", str(r["batch"]), r["method"], r["mode"],
-            _g(r["ms_per_image"]), _g(r["passes"]), f"{r['iters_mean']:.1f}",
-            str(r["iters_max"]), _g(r["worst_gap"]), _g(r["worst_violation"]),
-            f"{r['converged']:.2f}", f"{r['active']:.2f}", f"{r['compile_s']:.1f}"]
+    return [
+        f"{r['n']} ({r['side']}x{r['side']})",
+        str(r["batch"]),
+        r["method"],
+        r["mode"],
+        _g(r["ms_per_image"]),
+        _g(r["passes"]),
+        f"{r['iters_mean']:.1f}",
+        str(r["iters_max"]),
+        _g(r["worst_gap"]),
+        _g(r["worst_violation"]),
+        f"{r['converged']:.2f}",
+        f"{r['active']:.2f}",
+        f"{r['compile_s']:.1f}",
+    ]
 
 
 def _ref_cells(r) -> list[str]:
     def opt(key):
         return _g(r[key]) if key in r else "-"
 
-    ratio = lambda key: (f"{r[key]:.0f}x" if r[key] >= 10 else f"{r[key]:.2g}x") if key in r \
-        else "-"  # noqa: E731
-    return [r["problem"], str(r["n"]), r["reference"], str(r["images"]),
-            _g(r["ref_ms_per_image"]), opt("newton_ms_per_image"), ratio("ref_over_newton"),
-            opt("pga_ms_per_image"), ratio("ref_over_pga"), _g(r["max_abs_dp_newton"])]
+    ratio = lambda key: (
+        (f"{r[key]:.0f}x" if r[key] >= 10 else f"{r[key]:.2g}x") if key in r else "-"
+    )  # noqa: E731
+    return [
+        r["problem"],
+        str(r["n"]),
+        r["reference"],
+        str(r["images"]),
+        _g(r["ref_ms_per_image"]),
+        opt("newton_ms_per_image"),
+        ratio("ref_over_newton"),
+        opt("pga_ms_per_image"),
+        ratio("ref_over_pga"),
+        _g(r["max_abs_dp_newton"]),
+    ]
 
 
 def to_markdown(res: dict) -> str:
     """The results as markdown: main table, references table, the seed problem, headline."""
     s = res["settings"]
-    lines = [f"Solver benchmark, {res['date']}, {res['machine']}, load average at end "
-             f"{', '.join(f'{x:.2f}' for x in res['load_average'] or [])}.", "",
-             f"Tag constraints (`constraints.from_tags`, K={s['num_classes']}), jitted "
-             f"`solve_batch`, median of {s['repeats']} repeats, compile excluded; passes = solve "
-             "time / one jitted `log_softmax` over the same batch (median of per-repeat ratios, "
-             "timed back to back); active = fraction of images "
-             "with lambda != 0 (P != Q).", ""]
+    lines = [
+        f"Solver benchmark, {res['date']}, {res['machine']}, load average at end "
+        f"{', '.join(f'{x:.2f}' for x in res['load_average'] or [])}.",
+        "",
+        f"Tag constraints (`constraints.from_tags`, K={s['num_classes']}), jitted "
+        f"`solve_batch`, median of {s['repeats']} repeats, compile excluded; passes = solve "
+        "time / one jitted `log_softmax` over the same batch (median of per-repeat ratios, "
+        "timed back to back); active = fraction of images "
+        "with lambda != 0 (P != Q).",
+        "",
+    ]
     lines += _table(MAIN_COLUMNS, [_main_cells(r) for r in res["main"]])
-    lines += ["", f"Seed's foreground problem (K={s['seed_classes']}, "
-              f"alpha={s['seed_alpha']} hard, batch 1):", ""]
+    lines += [
+        "",
+        f"Seed's foreground problem (K={s['seed_classes']}, "
+        f"alpha={s['seed_alpha']} hard, batch 1):",
+        "",
+    ]
     lines += _table(MAIN_COLUMNS, [_main_cells(r) for r in res["seed_main"]])
-    lines += ["", "References (CPU, float64) on the same problems; ours at batch 1 on the same "
-              "images:", ""]
-    lines += _table(REF_COLUMNS, [_ref_cells(r) for r in res["references"] +
-                                  res["seed_references"]])
+    lines += [
+        "",
+        "References (CPU, float64) on the same problems; ours at batch 1 on the same images:",
+        "",
+    ]
+    lines += _table(
+        REF_COLUMNS, [_ref_cells(r) for r in res["references"] + res["seed_references"]]
+    )
     h = res["headline"]
     lines += [""]
     if "newton_passes_n4096" in h:
         p = h["newton_passes_n4096"]
-        modes = ", ".join(f"{v:.1f} {k}" + (" (default here)" if k == p["default_mode"] else "")
-                          for k, v in p["passes"].items())
-        lines.append(f"- newton, batch {p['batch']}, N=4096, K={s['num_classes']}: passes "
-                     f"{modes} (target <= {p['target']:.0f}).")
-    lines.append(f"- seed problem: newton {h['seed_speedup_vs_cvxpy']:.0f}x faster than "
-                 f"CVXPY/Clarabel (target >= 1000x), {h['seed_speedup_vs_scipy']:.0f}x faster "
-                 "than SciPy L-BFGS-B.")
+        modes = ", ".join(
+            f"{v:.1f} {k}" + (" (default here)" if k == p["default_mode"] else "")
+            for k, v in p["passes"].items()
+        )
+        lines.append(
+            f"- newton, batch {p['batch']}, N=4096, K={s['num_classes']}: passes "
+            f"{modes} (target <= {p['target']:.0f})."
+        )
+    lines.append(
+        f"- seed problem: newton {h['seed_speedup_vs_cvxpy']:.0f}x faster than "
+        f"CVXPY/Clarabel (target >= 1000x), {h['seed_speedup_vs_scipy']:.0f}x faster "
+        "than SciPy L-BFGS-B."
+    )
     return "\n".join(lines) + "\n"
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    kw = dict(repeats=f.repeats, cvxpy_max_n=f.cvxpy_max_n, cvxpy_images=f.cvxpy_images,
-              scipy_images=f.scipy_images, ref_budget_s=f.ref_budget_s, seed_side=f.seed_side,
-              seed_images=f.seed_images)
+    kw = dict(
+        repeats=f.repeats,
+        cvxpy_max_n=f.cvxpy_max_n,
+        cvxpy_images=f.cvxpy_images,
+        scipy_images=f.scipy_images,
+        ref_budget_s=f.ref_budget_s,
+        seed_side=f.seed_side,
+        seed_images=f.seed_images,
+    )
     sizes = [int(x) for x in f.sizes]
     batches = [int(x) for x in f.batches]
     if f.quick:
         kw.update({k: v for k, v in QUICK.items() if k not in ("sizes", "batches")})
         sizes, batches = QUICK["sizes"], QUICK["batches"]
-    res = run(sizes, batches, f.methods, modes=f.modes, num_classes=f.num_classes, seed=f.seed,
-              seed_classes=f.seed_classes, seed_alpha=f.seed_alpha, **kw)
+    res = run(
+        sizes,
+        batches,
+        f.methods,
+        modes=f.modes,
+        num_classes=f.num_classes,
+        seed=f.seed,
+        seed_classes=f.seed_classes,
+        seed_alpha=f.seed_alpha,
+        **kw,
+    )
     md = to_markdown(res)
     print(md)
     if f.out:
@@ -432,5 +368,37 @@ def main(argv):
         print(f"[bench] wrote {f.out}.json and {f.out}.md")
 
 
+def _define_flags():
+    """CLI flags, defined only when run as a script (importing this module defines none)."""
+    flags.DEFINE_list("sizes", ["40", "64", "128"], "Image side lengths H = W (N = side^2).")
+    flags.DEFINE_list("batches", ["1", "32"], "Batch sizes; the largest is the number of problems.")
+    flags.DEFINE_list("methods", ["newton", "pga"], "Solver methods to time.")
+    flags.DEFINE_list(
+        "modes",
+        ["sequential", "vmap"],
+        "solve_batch modes to time: 'sequential' "
+        "(lax.map, the CPU default) and/or 'vmap' (the accelerator default).",
+    )
+    flags.DEFINE_integer("num_classes", 21, "K for the tag-constraint problems (VOC: 21).")
+    flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (the median is reported).")
+    flags.DEFINE_integer("seed", 0, "Seed of the random problems.")
+    flags.DEFINE_integer("cvxpy_max_n", 1600, "Largest N on which CVXPY/Clarabel is run.")
+    flags.DEFINE_integer("cvxpy_images", 2, "Images per size solved with CVXPY/Clarabel.")
+    flags.DEFINE_integer("scipy_images", 4, "Images per size solved with SciPy L-BFGS-B.")
+    flags.DEFINE_float(
+        "ref_budget_s",
+        60.0,
+        "Time budget per reference and size; no new image "
+        "is started once it is spent (at least one image always runs).",
+    )
+    flags.DEFINE_integer("seed_side", 32, "Side of the seed's foreground problem (N = side^2).")
+    flags.DEFINE_integer("seed_classes", 11, "K of the seed's foreground problem.")
+    flags.DEFINE_float("seed_alpha", 0.05, "Hard lower bound per label of the seed's problem.")
+    flags.DEFINE_integer("seed_images", 3, "Images of the seed's problem (each solved at batch 1).")
+    flags.DEFINE_bool("quick", False, "Smoke run: tiny sizes and repeats (overrides the sizes).")
+    flags.DEFINE_string("out", None, "If set, writes <out>.json and <out>.md.")
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

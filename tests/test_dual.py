@@ -56,8 +56,11 @@ def test_weak_duality_and_closed_form_gap():
             lam = jnp.asarray(rng.uniform(0, 1, upper.shape) * upper, jnp.float32)
             cert = certificate(lam, jnp.asarray(f), cons)
             assert float(cert.dual) <= optimum + 1e-5 * (1 + abs(optimum))
-            np.testing.assert_allclose(float(cert.primal - cert.dual), float(cert.gap),
-                                       atol=1e-4 * (1 + abs(float(cert.primal))))
+            np.testing.assert_allclose(
+                float(cert.primal - cert.dual),
+                float(cert.gap),
+                atol=1e-4 * (1 + abs(float(cert.primal))),
+            )
 
 
 def test_dual_at_zero_is_the_cost_of_the_mask():
@@ -67,14 +70,16 @@ def test_dual_at_zero_is_the_cost_of_the_mask():
     q = np.asarray(jax.nn.softmax(f))
     expected = -np.log(q[:, mask].sum(-1)).mean()  # KL(P || Q) of Q renormalised on the mask
     assert float(dual_objective(jnp.zeros(problems.K), jnp.asarray(f), cons)) == pytest.approx(
-        expected, rel=1e-5)
+        expected, rel=1e-5
+    )
 
 
 def test_hardness_sharpens_p():
     f, cons = problems.make("tags", 4, 1.0)
     p1 = np.asarray(latent_distribution(jnp.zeros(cons.a.shape[0]), jnp.asarray(f), cons))
-    p2 = np.asarray(latent_distribution(jnp.zeros(cons.a.shape[0]), jnp.asarray(f), cons,
-                                        hardness=1000.0))
+    p2 = np.asarray(
+        latent_distribution(jnp.zeros(cons.a.shape[0]), jnp.asarray(f), cons, hardness=1000.0)
+    )
     assert p2.max(-1).mean() > p1.max(-1).mean()
     np.testing.assert_array_equal(p2.argmax(-1), p1.argmax(-1))
 
@@ -97,5 +102,6 @@ def test_factorised_latent_equals_exact(family, scale, lam_scale):
         p_exact, lse_exact = jax.jit(dual._latent)(lam, exact)
         assert np.all(np.isfinite(np.asarray(p_fast))) and np.all(np.isfinite(lse_fast))
         np.testing.assert_allclose(np.asarray(p_fast), np.asarray(p_exact), atol=2e-6)
-        np.testing.assert_allclose(np.asarray(lse_fast), np.asarray(lse_exact), rtol=1e-6,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(lse_fast), np.asarray(lse_exact), rtol=1e-6, atol=1e-5
+        )

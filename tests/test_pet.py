@@ -21,8 +21,8 @@ def fake_trimap(index: int) -> np.ndarray:
     """Background (2) with a pet (1) rectangle outlined by border (3), placed by ``index``."""
     trimap = np.full((H, W), 2, np.uint8)
     y, x = 2 + index % 10, 3 + (5 * index) % 20
-    trimap[y:y + 10, x:x + 9] = 3
-    trimap[y + 1:y + 9, x + 1:x + 8] = 1
+    trimap[y : y + 10, x : x + 9] = 3
+    trimap[y + 1 : y + 9, x + 1 : x + 8] = 1
     return trimap
 
 
@@ -41,10 +41,25 @@ def fake_example(index: int, species: int) -> dict:
     }
 
 
+def convert(ex: dict) -> dict:
+    """The builder's conversion of a fake example, encoded as the source stores it."""
+    trimap = np.asarray(ex["segmentation_mask"])
+    encoded = {
+        **ex,
+        "image": _png(ex["image"]),
+        "segmentation_mask": _png(trimap[..., 0] if trimap.ndim == 3 else trimap),
+    }
+    key, out = pet.convert_example(encoded)
+    assert key == out["image/filename"]
+    with Image.open(io.BytesIO(out["segmentation_mask"])) as im:
+        mask = np.asarray(im)
+    return {**out, "image": _decoded(out["image"]), "segmentation_mask": mask[..., None]}
+
+
 @pytest.mark.parametrize("species", [0, 1], ids=["cat", "dog"])
-def test_to_ccnn_example_maps_trimap(species):
+def test_convert_example_maps_trimap(species):
     ex = fake_example(3, species)
-    out = pet.to_ccnn_example(ex)
+    out = convert(ex)
     trimap = ex["segmentation_mask"][..., 0]
     assert out["segmentation_mask"].shape == (H, W, 1)
     assert out["segmentation_mask"].dtype == np.uint8
@@ -59,28 +74,28 @@ def test_to_ccnn_example_maps_trimap(species):
     assert pet.CLASS_NAMES[1 + species] == pet.SPECIES_NAMES[species].lower()
 
 
-def test_to_ccnn_example_accepts_2d_trimap_and_all_border():
+def test_convert_example_accepts_2d_trimap_and_all_border():
     ex = fake_example(1, 1)
     ex["segmentation_mask"] = np.full((H, W), 3, np.uint8)
-    out = pet.to_ccnn_example(ex)
+    out = convert(ex)
     assert (out["segmentation_mask"] == 255).all() and out["labels"] == []
 
 
-def test_to_ccnn_example_bad_input_names_the_file():
+def test_convert_example_bad_input_names_the_file():
     ex = fake_example(2, 0)
     ex["segmentation_mask"] = ex["segmentation_mask"].copy()
     ex["segmentation_mask"][0, 0, 0] = 0
     ex["segmentation_mask"][0, 1, 0] = 7
     with pytest.raises(checks.BadInputError, match=r"pet_2.jpg: unknown label values \[0, 7\]"):
-        pet.to_ccnn_example(ex)
+        convert(ex)
     ex = fake_example(2, 0)
     ex["species"] = np.int64(2)
     with pytest.raises(checks.BadInputError, match="pet_2.jpg: species"):
-        pet.to_ccnn_example(ex)
+        convert(ex)
     ex = fake_example(2, 0)
     ex["segmentation_mask"] = ex["segmentation_mask"][:-1]
     with pytest.raises(checks.BadInputError, match="pet_2.jpg"):
-        pet.to_ccnn_example(ex)
+        convert(ex)
 
 
 # ------------------------------------------------------------------------------------------
@@ -118,14 +133,16 @@ def prepare_fake_source(data_dir):
             def _info(self):
                 return tfds.core.DatasetInfo(
                     builder=self,
-                    features=tfds.features.FeaturesDict({
-                        "image": tfds.features.Image(encoding_format="jpeg"),
-                        "label": tfds.features.ClassLabel(num_classes=37),
-                        "species": tfds.features.ClassLabel(names=pet.SPECIES_NAMES),
-                        "file_name": tfds.features.Text(),
-                        "segmentation_mask": tfds.features.Image(shape=(None, None, 1)),
-                        "head_bbox": tfds.features.BBoxFeature(),
-                    }),
+                    features=tfds.features.FeaturesDict(
+                        {
+                            "image": tfds.features.Image(encoding_format="jpeg"),
+                            "label": tfds.features.ClassLabel(num_classes=37),
+                            "species": tfds.features.ClassLabel(names=pet.SPECIES_NAMES),
+                            "file_name": tfds.features.Text(),
+                            "segmentation_mask": tfds.features.Image(shape=(None, None, 1)),
+                            "head_bbox": tfds.features.BBoxFeature(),
+                        }
+                    ),
                 )
 
             def _split_generators(self, dl_manager):
@@ -134,14 +151,17 @@ def prepare_fake_source(data_dir):
             def _generate_examples(self, split):
                 for index, species in FAKE_SPLITS[split]:
                     ex = fake_example(index, species)
-                    yield index, {
-                        "image": _jpeg(ex["image"]),
-                        "segmentation_mask": _png(ex["segmentation_mask"][..., 0]),
-                        "species": species,
-                        "label": index % 37,
-                        "file_name": f"pet_{index}.jpg",
-                        "head_bbox": tfds.features.BBox(0.1, 0.1, 0.5, 0.5),
-                    }
+                    yield (
+                        index,
+                        {
+                            "image": _jpeg(ex["image"]),
+                            "segmentation_mask": _png(ex["segmentation_mask"][..., 0]),
+                            "species": species,
+                            "label": index % 37,
+                            "file_name": f"pet_{index}.jpg",
+                            "head_bbox": tfds.features.BBox(0.1, 0.1, 0.5, 0.5),
+                        },
+                    )
 
     FakeOxfordIiitPet(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
 

@@ -31,7 +31,7 @@ import dataclasses
 
 import numpy as np
 
-from ccnn_jax.data import common, synthetic
+from ccnn_jax.data import common, shapes, synthetic
 
 CLASS_NAMES = (
     "sky", "building", "pole", "road", "sidewalk", "tree", "sign", "fence", "car", "pedestrian",
@@ -77,7 +77,7 @@ class _Canvas:
 
     def __init__(self, size: int, rng: np.random.Generator, roll: float = 0.0):
         self.rng = rng
-        self.grid_yy, self.grid_xx = synthetic._pixel_grid(size)
+        self.grid_yy, self.grid_xx = shapes.pixel_grid(size)
         # scene coordinates: the pixel grid rotated by the camera's roll about the centre
         cos, sin = np.float32(np.cos(roll)), np.float32(np.sin(roll))
         dy, dx = self.grid_yy - 0.5, self.grid_xx - 0.5
@@ -354,9 +354,9 @@ def generate_scene(
     lut = np.array([SKY, *c.classes], np.uint8)  # region 0 is never left (the sky covers all)
     mask = lut[c.regions]
     if config.void_width > 0:
-        band = synthetic._outer_band(c.regions, int(config.void_width))
+        band = shapes.outer_band(c.regions, int(config.void_width))
         mask[band & _near_other_class(mask, int(config.void_width))] = common.VOID
     labels = common.labels_in_mask(mask, len(CLASS_NAMES))
     counts = np.bincount(mask.ravel(), minlength=256)
-    large = [k for k in labels if counts[k] > synthetic.LARGE_FRACTION * size * size]
+    large = [k for k in labels if counts[k] > common.LARGE_FRACTION * size * size]
     return StreetScene(image, mask, c.regions - 1, tuple(c.classes), labels, large)
