@@ -35,6 +35,9 @@ from ccnn_jax import configs
 #: Fields of the training config that a pretraining stage inherits.
 INHERITED = ("seed", "data_dir", "weight_decay", "grad_clip_norm", "final_lr_fraction")
 
+#: Part of the cache key: bump when the pretraining recipe changes in code (stage_configs).
+VERSION = 1
+
 
 def stage_configs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
     """The pretraining stages of ``config`` as (name, training config) pairs, in order:
@@ -73,11 +76,16 @@ def cache_root() -> epath.Path:
 
 def pretrain_workdir(config: ml_collections.ConfigDict) -> epath.Path:
     """``config.pretrain.workdir``, or ``<cache_root>/pretrain/<hash>`` where the hash covers
-    every stage's config (so a changed setting pretrains anew and an unchanged one reuses)."""
+    what the stages read from ``config`` (``model``, :data:`INHERITED`, ``pretrain``), so a
+    changed pretraining setting pretrains anew while method-only settings (constraints,
+    hardness, solver, schedule of the fine-tuning) reuse the cache."""
     if config.pretrain.workdir:
         return epath.Path(os.path.abspath(os.path.expanduser(config.pretrain.workdir)))
-    stages = [(name, c.to_dict()) for name, c in stage_configs(config)]
-    text = json.dumps(stages, sort_keys=True, default=str)
+    pretrain = config.pretrain.to_dict()
+    pretrain.pop("workdir", None)
+    key = {"version": VERSION, "model": config.model.to_dict(), "pretrain": pretrain}
+    key.update({field: config[field] for field in INHERITED})
+    text = json.dumps(key, sort_keys=True, default=str)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return cache_root() / "pretrain" / digest
 
