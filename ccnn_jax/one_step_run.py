@@ -292,6 +292,11 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
         check_images=int(config.under_check_images),
         progress=progress,
     )
+    if checks[-1][1] < float(config.under_accuracy):
+        raise ValueError(
+            f"the network never reached config.under_accuracy = {config.under_accuracy} within "
+            f"{config.full_steps} steps (last check: {checks[-1]}): no under-trained network"
+        )
     t_full = time.time()
     full = one_step_train.train_full(tc, workdir / "full", progress=progress)
     t_eval = time.time()

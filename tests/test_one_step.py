@@ -244,3 +244,20 @@ def test_config_errors_name_the_field():
         one_step_run.check_config(config)
     with pytest.raises(ValueError, match="config string"):
         one_step_config.get_config("bogus")
+
+
+def test_target_never_reached_is_an_error_before_the_full_run(tmp_path, monkeypatch):
+    from ccnn_jax import one_step_train
+    from ccnn_jax.data import pipeline
+
+    meta = pipeline.DatasetMeta("x", [str(k) for k in range(11)], 11, None)
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "dataset_meta", lambda *a, **k: meta)
+    monkeypatch.setattr(
+        one_step_train, "train_until_accuracy", lambda *a, **k: (None, [[4, 0.3], [8, 0.4]])
+    )
+    monkeypatch.setattr(one_step_train, "train_full", lambda *a, **k: pytest.fail("trained"))
+    config = one_step_config.get_config("tiny")
+    config.under_accuracy = 0.66
+    with pytest.raises(ValueError, match="never reached config.under_accuracy"):
+        one_step_run.run(config, tmp_path, progress=False)

@@ -20,7 +20,7 @@ Q_under), and for ``full_steps`` (Q_full). P is solved from Q_under on every val
 each constraint variant (``ccnn_jax/one_step.py``); ``all_labels`` is the seed's constraint,
 every label >= ``alpha`` in every image, and ``alpha_sweep`` reports it for other alphas.
 
-Expected: see ``docs/one_step.md`` for the measured table and runtime (2-core CPU).
+Expected: the README section "One latent step (issue 11)" (measured figures and runtime).
 """
 
 import ml_collections
