@@ -263,7 +263,7 @@ def test_warm_start_takes_the_source_model_with_a_fresh_optimizer(data_dir, tmp_
         run.train(config, tmp_path / "warm2", progress=False)
 
 
-@pytest.mark.parametrize("name", ["synthetic", "voc", "camvid"])
+@pytest.mark.parametrize("name", ["synthetic", "voc", "camvid", "streets"])
 def test_dataset_configs_share_the_base_fields(name):
     module = importlib.import_module(f"ccnn_jax.configs.{name}")
     for method in ("ccnn", "ccnn_size", "mil", "full"):
