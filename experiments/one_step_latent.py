@@ -31,7 +31,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from ccnn_jax import checkpoint as checkpoint_lib
-from ccnn_jax import one_step, reporting, solve, solve_batch
+from ccnn_jax import cli, one_step, reporting, solve, solve_batch
 from ccnn_jax import run as run_lib
 from ccnn_jax.configs import one_step as one_step_config
 from ccnn_jax.models import upsample_logits
@@ -424,4 +424,4 @@ def _define_flags():
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -17,13 +17,13 @@ Expected: see the README's one-step section for the measured table and runtime (
 
 import ml_collections
 
-from ccnn_jax.configs import synthetic
+from ccnn_jax.configs import ConfigError, synthetic
 
 
 def get_config(config_string: str = "default") -> ml_collections.ConfigDict:
     variant = (config_string or "default").strip()
     if variant not in ("default", "tiny"):
-        raise ValueError(f"config string must be 'default' or 'tiny', got {variant!r}")
+        raise ConfigError(f"config string must be 'default' or 'tiny', got {variant!r}")
     tiny = variant == "tiny"
     c = ml_collections.ConfigDict()
     # Training of both networks (pixel supervision); dataset, model and optimiser come from here.
