@@ -249,14 +249,16 @@ def check_config_record(
     differs raises :class:`ConfigMismatchError` with the differences, unless its dotted name is
     in ``may_differ`` (then a note is printed). A field present on one side only (a field added
     to or removed from the code since) is noted, not refused. Without checkpoints there is
-    nothing to protect, and the record is (re)written atomically.
+    nothing to protect, and the record is (re)written atomically (by JAX process 0 only).
     """
     path = epath.Path(workdir) / CONFIG_RECORD
     current = json.loads(json.dumps(dict(config)))
     if not has_checkpoints or not path.exists():
         if has_checkpoints:
             print(f"Note: {path.parent} has checkpoints but no {CONFIG_RECORD}; recording it")
-        reporting.write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+        if jax.process_index() == 0:
+            text = json.dumps(current, indent=2, sort_keys=True) + "\n"
+            reporting.write_text_atomic(path, text)
         return
     recorded = _read_record(path)
     differences = _config_differences(_flatten(recorded), _flatten(current))

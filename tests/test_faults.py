@@ -95,8 +95,14 @@ class Finished:
         return lines[-1] if lines else ""
 
 
-def _wait(proc: subprocess.Popen, t0: float, timeout: float = 600) -> Finished:
-    stdout, stderr = proc.communicate(timeout=timeout)
+def _wait(proc: subprocess.Popen, t0: float, timeout: float = 1800) -> Finished:
+    """The finished ``proc`` (killed if it outlives ``timeout``; generous for loaded machines)."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
     return Finished(proc.returncode, stdout, stderr, time.time() - t0, proc.pid)
 
 
