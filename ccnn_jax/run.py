@@ -30,7 +30,7 @@ from etils import epath
 from flax import nnx
 
 from ccnn_jax import checkpoint as checkpoint_lib
-from ccnn_jax import configs, losses, metrics, reporting
+from ccnn_jax import configs, losses, metrics, pretrain, reporting
 from ccnn_jax import train as train_lib
 from ccnn_jax.data import pipeline
 
@@ -81,7 +81,7 @@ class Interrupted(TrainingStopped):
         self.exit_code = 128 + signum
 
 
-def _absolute(workdir: epath.PathLike) -> epath.Path:
+def absolute(workdir: epath.PathLike) -> epath.Path:
     """orbax needs absolute checkpoint paths; local relative paths are resolved from the cwd."""
     text = os.fspath(workdir)
     return epath.Path(text if "://" in text else os.path.abspath(text))
@@ -110,9 +110,13 @@ def restore_or_init(
     steps: train_lib.Steps,
     abstract: train_lib.TrainState,
     num_classes: int,
+    *,
+    progress: bool = True,
 ) -> tuple[train_lib.TrainState, int | None, float]:
     """The newest readable checkpoint in ``ckpt`` (state, and ``data_iter``'s position) or a
-    fresh state (warm-started from ``config.init_from`` when set), replicated on the mesh.
+    fresh state, replicated on the mesh. A fresh state is warm-started from ``config.init_from``
+    when set, else from the (cached) pretrained network when ``config.pretrain.steps > 0``
+    (:func:`ccnn_jax.pretrain.ensure_pretrained`, run only when there is no checkpoint).
     ``abstract`` is the state's shape (``create_train_state(..., abstract=True)``).
 
     Returns ``(state, resumed_from, seconds)``: the restored step (None for a fresh state) and
@@ -128,8 +132,11 @@ def restore_or_init(
         print(f"Resuming from checkpoint step {resumed_from} in {ckpt.directory}", flush=True)
         return steps.put_state(state), resumed_from, float(ckpt_meta["seconds"])
     _, state, _ = train_lib.create_train_state(config, num_classes)
-    if config.init_from:
-        state = warm_start(state, abstract, config.init_from)
+    init_from = config.init_from
+    if not init_from and config.pretrain.steps > 0:
+        init_from = pretrain.ensure_pretrained(config, progress=progress)
+    if init_from:
+        state = warm_start(state, abstract, init_from)
     return steps.put_state(state), None, 0.0
 
 
@@ -144,7 +151,7 @@ def warm_start(
     opened read-only (nothing there is created, moved or cleaned up), and a missing or
     mismatched source raises :class:`ccnn_jax.configs.ConfigError` naming ``config.init_from``.
     """
-    source = _absolute(init_from)
+    source = absolute(init_from)
     ckpt = checkpoint_lib.Checkpointer(source / "checkpoints", read_only=True)
     try:
         restored = ckpt.restore_latest(abstract, None)
@@ -310,7 +317,7 @@ def train(
 def _validated_workdir(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> epath.Path:
     """``workdir`` made absolute, after :func:`ccnn_jax.configs.validate` passed on ``config``."""
     configs.validate(config, num_devices=jax.device_count())
-    return _absolute(workdir)
+    return absolute(workdir)
 
 
 def _train_in(
@@ -332,10 +339,11 @@ def _train_in(
         batch_size=config.batch_size,
         train=True,
         worker_count=config.worker_count,
+        scale_range=tuple(config.scale_range),
     )
     data_iter = iter(loader)
     state, resumed_from, seconds = restore_or_init(
-        config, ckpt, data_iter, steps, abstract, meta.num_classes
+        config, ckpt, data_iter, steps, abstract, meta.num_classes, progress=progress
     )
     start_step = int(jax.device_get(state.step))
     last_step = int(config.num_steps)
@@ -464,8 +472,10 @@ def _grid_batch(out: TrainOutput, config: ml_collections.ConfigDict, num: int) -
 
 
 def write_outputs(workdir: epath.Path, results: dict, grid: dict) -> None:
-    """``results.json``, ``results.md``, ``predictions.png`` and ``curves.png`` in ``workdir``."""
+    """``results.json``, ``results.md``, ``predictions.png`` (and its arrays,
+    ``predictions.npz``) and ``curves.png`` in ``workdir``."""
     reporting.write_json(workdir / "results.json", results)
+    reporting.write_npz(workdir / "predictions.npz", grid)
     columns = ["method", "dataset", "miou", "pixel_accuracy", "steps", "seconds"]
     (workdir / "results.md").write_text(
         reporting.markdown_table([results], columns) + "\n" + reporting.per_class_markdown(results)
@@ -523,6 +533,7 @@ def _train_and_evaluate_in(
         "resumed_from": out.resumed_from,
         "devices": jax.device_count(),
         "confusion": confusion.tolist(),
+        **({"accuracy": summary["pixel_accuracy"]} if config.method == "pretrain" else {}),
         "config": config.to_dict(),
     }
     grid = _grid_batch(out, config, int(config.num_grid_images))

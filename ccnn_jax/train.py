@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ccnn_jax import metrics
+from ccnn_jax import losses, metrics
 from ccnn_jax.losses import LossSpec, compute_loss
 from ccnn_jax.models import UNet, upsample_logits
 
@@ -53,6 +53,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, key: jax.A
         depth=m.depth,
         norm=m.norm,
         output_stride=m.output_stride,
+        classifier=m.classifier,
         rngs=nnx.Rngs(params=key),
     )
 
@@ -126,6 +127,9 @@ def train_step(
     """One optimizer step; pure. Metrics: loss, grad_norm, train confusion (K, K), solver stats
     and ``nonfinite``.
 
+    For ``"pretrain"`` the network's image class scores (``model.classify``) are trained and the
+    confusion is over images (:func:`classification_confusion`).
+
     Non-finite guard: when the loss, a gradient, an updated parameter (or batch statistic) or
     the updated optimizer state holds a NaN or inf, the step is not applied (the returned state
     is ``state``, step count included) and ``nonfinite`` (int32) has the bits of
@@ -136,25 +140,30 @@ def train_step(
     def loss_fn(params, batch_stats):
         # Fresh variables at this trace level, so BatchNorm may update its running averages.
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, batch_stats))
-        logits = model(batch["image"], train=True)
-        loss, aux = compute_loss(logits, batch, spec, state.step)
-        return loss, (aux, logits, nnx.state(model, nnx.Not(nnx.Param)))
+        if spec.method == "pretrain":
+            outputs = model.classify(batch["image"], train=True)
+        else:
+            outputs = model(batch["image"], train=True)
+        loss, aux = compute_loss(outputs, batch, spec, state.step)
+        return loss, (aux, outputs, nnx.state(model, nnx.Not(nnx.Param)))
 
-    (loss, (aux, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (aux, outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    pred = jnp.argmax(upsample_logits(logits, batch["mask"].shape[1:3]), axis=-1)
+    if spec.method == "pretrain":
+        confusion = classification_confusion(outputs, batch, spec)
+    else:
+        pred = jnp.argmax(upsample_logits(outputs, batch["mask"].shape[1:3]), axis=-1)
+        confusion = metrics.confusion_matrix(pred, batch["mask"], spec.num_classes, batch["valid"])
     nonfinite = nonfinite_code(
         loss=loss, grads=grads, params=(params, batch_stats), opt_state=opt_state
     )
     out = {
         "loss": loss,
         "grad_norm": optax.global_norm(grads),
-        "confusion": metrics.confusion_matrix(
-            pred, batch["mask"], spec.num_classes, batch["valid"]
-        ),
+        "confusion": confusion,
         "nonfinite": nonfinite,
     }
     out.update({k: v for k, v in aux.items() if k != "p"})
@@ -189,11 +198,28 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
+def classification_confusion(scores_BxK: jax.Array, batch: dict, spec: LossSpec) -> jax.Array:
+    """Confusion (K, K) over images of the predicted object class (argmax of the object
+    classes' scores) against the tagged one (the first tagged object class); images without
+    an object tag are ignored."""
+    is_object = losses.object_classes(spec.num_classes, spec.background)
+    pred_B = jnp.argmax(jnp.where(is_object, scores_BxK, -jnp.inf), axis=-1)
+    tagged_B = jnp.where(is_object, batch["tags"], 0.0)
+    true_B = jnp.argmax(tagged_B, axis=-1)
+    valid_B = batch["valid"] * (jnp.max(tagged_B, axis=-1) > 0)
+    as_pixels = lambda x: x[:, None, None]  # noqa: E731
+    return metrics.confusion_matrix(as_pixels(pred_B), as_pixels(true_B), spec.num_classes, valid_B)
+
+
 def eval_step(
-    state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, num_classes: int
+    state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, spec: LossSpec
 ) -> jax.Array:
-    """Confusion matrix (K, K) of argmax predictions at mask resolution (padding ignored)."""
+    """Confusion matrix (K, K) of argmax predictions at mask resolution (padding ignored); for
+    ``"pretrain"`` of image classes (:func:`classification_confusion`)."""
     model = merge_model(graphdef, state)
+    if spec.method == "pretrain":
+        return classification_confusion(model.classify(batch["image"]), batch, spec)
+    num_classes = spec.num_classes
     logits = upsample_logits(model(batch["image"], train=False), batch["mask"].shape[1:3])
     pred = jnp.argmax(logits, axis=-1)
     return metrics.confusion_matrix(pred, batch["mask"], num_classes, batch["valid"])
@@ -279,7 +305,7 @@ def make_steps(
         donate_argnums=0,
     )
     eval_fn = jax.jit(
-        functools.partial(eval_step, graphdef=graphdef, num_classes=spec.num_classes),
+        functools.partial(eval_step, graphdef=graphdef, spec=spec),
         in_shardings=(repl, data),
         out_shardings=repl,
     )

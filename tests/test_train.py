@@ -81,7 +81,7 @@ def _tiny_config(method):
     return c
 
 
-@pytest.mark.parametrize("method", ["ccnn", "full"])
+@pytest.mark.parametrize("method", ["ccnn", "full", "pretrain"])
 def test_train_step_decreases_loss_without_recompiling(method):
     config = _tiny_config(method)
     graphdef, state, tx = train.create_train_state(config, _Meta.num_classes)

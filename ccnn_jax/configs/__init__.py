@@ -17,10 +17,11 @@ import ml_collections
 
 from ccnn_jax import constraints
 from ccnn_jax.configs.validation import RERUN_MAY_DIFFER, ConfigError, validate
+from ccnn_jax.data import pipeline
 
 __all__ = ["METHODS", "RERUN_MAY_DIFFER", "ConfigError", "base", "parse", "validate"]
 
-METHODS = ("ccnn", "ccnn_size", "mil", "full")
+METHODS = ("ccnn", "ccnn_size", "mil", "full", "pretrain")
 
 
 def parse(config_string: str | None, options: tuple[str, ...]) -> tuple[str, set[str]]:
@@ -49,6 +50,7 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.manual_dir = ml_collections.config_dict.placeholder(str)
     c.train_split = "train"  # or a TFDS slice, e.g. "train[:10%]" (a labelled subset)
     c.image_size = (64, 64)
+    c.scale_range = pipeline.TRAIN_SCALE_RANGE  # training augmentation: rescale, crop, flip
     c.seed = 0
     # Workdir of another run to start from (its newest checkpoint's model variables; fresh
     # optimizer and step), as the original CCNN started from a pretrained network.
@@ -59,6 +61,7 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.model.depth = 4
     c.model.norm = "group"
     c.model.output_stride = 1
+    c.model.classifier = False  # a bottleneck image classifier (needed by pretraining)
 
     c.batch_size = 16
     c.eval_batch_size = 16
@@ -80,6 +83,23 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.constraints = ml_collections.ConfigDict(dataclasses.asdict(constraints.VOC_BOUNDS))
     c.mil_warmup_steps = 0  # > 0: MIL loss for the first steps, then CCNN
     c.mil_weight = 0.0  # > 0: CCNN + mil_weight * MIL
+
+    # Pretraining, the ImageNet analogue (ccnn_jax/pretrain.py): the network is first trained as
+    # an image classifier on pretrain.dataset (after pretrain.easy_steps on pretrain.easy_dataset,
+    # a curriculum), cached and shared by every method, then every run starts from it.
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.steps = 0  # 0: no pretraining (start from config.init_from or from scratch)
+    c.pretrain.dataset = "ccnn_synthetic/objects"
+    c.pretrain.easy_dataset = "ccnn_synthetic/objects_easy"
+    c.pretrain.easy_steps = 0  # 0: no easy stage
+    c.pretrain.image_size = (32, 32)
+    c.pretrain.scale_range = (1.0, 1.0)  # the objects vary in size already: flips only
+    c.pretrain.batch_size = 32
+    c.pretrain.learning_rate = 2e-3
+    c.pretrain.warmup_steps = 50
+    # Where the pretrained run lives; None: <cache>/pretrain/<hash of the pretraining config>
+    # with <cache> = $CCNN_JAX_CACHE or ~/.cache/ccnn_jax, so every later run reuses it.
+    c.pretrain.workdir = ml_collections.config_dict.placeholder(str)
 
     c.log_every = 10
     c.checkpoint_every = 100

@@ -56,10 +56,17 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _check_constraints(config)
     _check_paths(config)
     _check_model_and_images(config)
+    _check_pretrain(config)
     if num_devices is not None:
         _check_divisible(config, ("batch_size", "eval_batch_size"), num_devices)
+        if _pretrains(config):
+            _check_divisible(config, ("pretrain.batch_size",), num_devices)
     _check_split(config)
-    _check_dataset(config)
+    _check_dataset(config, "dataset")
+    if _pretrains(config):
+        _check_dataset(config, "pretrain.dataset")
+        if _get(config, "pretrain.easy_steps") > 0:
+            _check_dataset(config, "pretrain.easy_dataset")
 
 
 # ----------------------------------------------------------------------------- field groups
@@ -115,7 +122,7 @@ def _check_constraints(config) -> None:
 
 
 def _check_paths(config) -> None:
-    for name in ("data_dir", "manual_dir", "init_from"):
+    for name in ("data_dir", "manual_dir", "init_from", "pretrain.workdir"):
         value = _get(config, name)
         if value is not None and not (isinstance(value, str) and value.strip()):
             raise ConfigError(f"config.{name} must be None or a non-empty path, got {value!r}")
@@ -136,15 +143,56 @@ def _check_model_and_images(config) -> None:
         powers = [2**k for k in range(depth + 1)]
         if stride not in powers or isinstance(stride, bool):
             _fail("model.output_stride", f"one of {powers} (a power of two <= 2**depth)", stride)
-    _check_image_size(config, 2**depth if depth is not None else 1)
+    if "classifier" in model:
+        _boolean(config, "model.classifier")
+        if _get(config, "method") == "pretrain" and not model.classifier:
+            _fail(
+                "model.classifier", "True for method 'pretrain' (it trains the classifier)", False
+            )
+    _check_image_size(config, "image_size", 2**depth if depth is not None else 1)
+    _check_scale_range(config, "scale_range")
 
 
-def _check_image_size(config, multiple: int) -> None:
-    size = _get(config, "image_size")
+def _pretrains(config) -> bool:
+    """Whether a fresh run of ``config`` pretrains (``pretrain.steps > 0`` and no init_from)."""
+    return _get(config, "pretrain.steps") > 0 and not _get(config, "init_from")
+
+
+def _check_pretrain(config) -> None:
+    for name in ("steps", "easy_steps", "warmup_steps"):
+        _integer(config, f"pretrain.{name}", 0)
+    _integer(config, "pretrain.batch_size", 1)
+    _number(config, "pretrain.learning_rate", low=0.0, low_open=True)
+    for name in ("dataset", "easy_dataset"):
+        value = _get(config, f"pretrain.{name}")
+        if not (isinstance(value, str) and value.strip()):
+            _fail(f"pretrain.{name}", "a registered dataset[/config] name", value)
+    depth = _get(config, "model").get("depth")
+    _check_image_size(config, "pretrain.image_size", 2**depth if depth is not None else 1)
+    _check_scale_range(config, "pretrain.scale_range")
+    model = _get(config, "model")
+    if _pretrains(config) and "classifier" in model and not model.classifier:
+        raise ConfigError(
+            "config.model.classifier must be True when config.pretrain.steps > 0 (pretraining "
+            "trains the classifier), got False; set it or --config.pretrain.steps=0"
+        )
+
+
+def _check_image_size(config, name: str, multiple: int) -> None:
+    size = _get(config, name)
     ok = isinstance(size, tuple | list) and len(size) == 2
     ok = ok and all(_is_int(s) and s >= 1 and s % multiple == 0 for s in size)
     if not ok:
-        _fail("image_size", f"(height, width), positive multiples of {multiple} (2**depth)", size)
+        _fail(name, f"(height, width), positive multiples of {multiple} (2**depth)", size)
+
+
+def _check_scale_range(config, name: str) -> None:
+    value = _get(config, name)
+    ok = isinstance(value, tuple | list) and len(value) == 2
+    ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ok = ok and all(math.isfinite(v) and v > 0 for v in value) and value[0] <= value[1]
+    if not ok:
+        _fail(name, "(low, high) rescale factors with 0 < low <= high", value)
 
 
 def _check_divisible(config, names: Iterable[str], num_devices: int) -> None:
@@ -158,27 +206,29 @@ def _check_split(config) -> None:
 
     split = _get(config, "train_split")
     try:
+        if not isinstance(split, str):
+            raise TypeError(split)
         tfds.core.ReadInstruction.from_spec(split)
     except (ValueError, TypeError, AttributeError):
         _fail("train_split", "a TFDS split such as 'train' or 'train[:10%]'", split)
 
 
-def _check_dataset(config) -> None:
+def _check_dataset(config, field: str) -> None:
     import tensorflow_datasets as tfds
 
     from ccnn_jax.data import pipeline
 
-    name = _get(config, "dataset")
+    name = _get(config, field)
     rule = f"a registered dataset[/config], e.g. one of {pipeline.known_datasets()}"
     if not isinstance(name, str) or not name.strip():
-        _fail("dataset", rule, name)
+        _fail(field, rule, name)
     base, _, builder_config = name.partition(":")[0].partition("/")
     try:
         cls = tfds.builder_cls(base)
     except tfds.core.registered.DatasetNotFoundError:
-        _fail("dataset", rule, name)
+        _fail(field, rule, name)
     if builder_config and builder_config not in (cls.builder_configs or {}):
-        _fail("dataset", f"'{base}/<config>' with a config in {list(cls.builder_configs)}", name)
+        _fail(field, f"'{base}/<config>' with a config in {list(cls.builder_configs)}", name)
 
 
 # ----------------------------------------------------------------------------- rules
@@ -228,6 +278,12 @@ def _number(
         rng = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'}]"
         kind = "a number" if allow_inf else "a finite number"
         _fail(name, f"{kind} in {rng}{note}", value)
+
+
+def _boolean(config, name: str) -> None:
+    value = _get(config, name)
+    if not isinstance(value, bool):
+        _fail(name, "True or False", value)
 
 
 def _one_of(config, name: str, choices: Iterable[str]) -> None:

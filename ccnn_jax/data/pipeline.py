@@ -115,11 +115,11 @@ def _sample(
     scale: float,
     offset_yx: tuple[float, float],
     flip: bool,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Affine resample (scale, offset, optional h-flip) to ``out_hw``: image bilinear, mask nearest.
 
-    Returns image float32 (H, W, 3) in [0, 255] and mask uint8 (H, W); out-of-source pixels are
-    image 0 and mask void.
+    Returns image float32 (H, W, 3) in [0, 255], mask uint8 (H, W) and ``inside`` bool (H, W),
+    False where the output pixel lies outside the source (padding: image 0, mask void).
     """
     out_h, out_w = out_hw
     h, w = mask_hxw.shape
@@ -152,7 +152,7 @@ def _sample(
     out = rows[:, x0c] * (1 - wx) + rows[:, x1c] * wx
     if not inside.all():
         out = out * inside[..., None]
-    return out, mask
+    return out, mask, inside
 
 
 def _targets(mask_hxw: np.ndarray, num_classes: int, filename) -> tuple[np.ndarray, np.ndarray]:
@@ -182,10 +182,11 @@ def _check_example(ex: dict) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-def _finish(image, mask, num_classes, filename) -> dict:
+def _finish(image, mask, inside, num_classes, filename) -> dict:
     tags, size = _targets(mask, num_classes, filename)
     return {
         "image": image * np.float32(1 / 255),
+        "pixels": inside.astype(np.float32),
         "mask": mask.astype(np.int32),
         "tags": tags,
         "size": size,
@@ -205,8 +206,8 @@ class _EvalTransform(grain.MapTransform):
         (out_h, out_w), (h, w) = self.image_size, mask.shape
         s = min(out_h / h, out_w / w)
         off = ((out_h - h * s) / 2, (out_w - w * s) / 2)
-        image, mask = _sample(image, mask, self.image_size, s, off, False)
-        return _finish(image, mask, self.num_classes, ex.get("image/filename"))
+        image, mask, inside = _sample(image, mask, self.image_size, s, off, False)
+        return _finish(image, mask, inside, self.num_classes, ex.get("image/filename"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,17 +216,18 @@ class _TrainTransform(grain.RandomMapTransform):
 
     image_size: tuple[int, int]
     num_classes: int
+    scale_range: tuple[float, float] = TRAIN_SCALE_RANGE
 
     def random_map(self, ex, rng: np.random.Generator):
         image, mask = _check_example(ex)
         (out_h, out_w), (h, w) = self.image_size, mask.shape
-        lo, hi = TRAIN_SCALE_RANGE
+        lo, hi = self.scale_range
         s = max(out_h / h, out_w / w) * math.exp(rng.uniform(math.log(lo), math.log(hi)))
         dy, dx = out_h - h * s, out_w - w * s  # < 0: crop, > 0: pad
         off = (rng.uniform(min(0.0, dy), max(0.0, dy)), rng.uniform(min(0.0, dx), max(0.0, dx)))
         flip = bool(rng.integers(2))
-        image, mask = _sample(image, mask, self.image_size, s, off, flip)
-        return _finish(image, mask, self.num_classes, ex.get("image/filename"))
+        image, mask, inside = _sample(image, mask, self.image_size, s, off, flip)
+        return _finish(image, mask, inside, self.num_classes, ex.get("image/filename"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +261,7 @@ def make_loader(
     num_epochs: int | None = None,
     shard_by_process: bool = True,
     worker_count: int = 0,
+    scale_range: tuple[float, float] = TRAIN_SCALE_RANGE,
 ) -> grain.DataLoader:
     """A grain ``DataLoader`` of fixed-shape batches from a prepared dataset.
 
@@ -273,10 +276,14 @@ def make_loader(
       num_epochs: passes over the split; ``None`` = forever for train and 1 for eval.
       shard_by_process: give each JAX process a disjoint shard (``grain.ShardByJaxProcess``).
       worker_count: grain worker processes (0 = in the calling process).
+      scale_range: (lo, hi) of the random rescale factor when training, e.g. (1, 1) for
+        flips only.
     Returns:
-      Iterable whose iterator yields dicts ``image`` float32 (B, H, W, 3) in [0, 1], ``mask``
-      int32 (B, H, W) (255 = void), ``tags`` float32 (B, K), ``size`` float32 (B, K),
-      ``valid`` float32 (B,), and has ``get_state()`` / ``set_state(state)``.
+      Iterable whose iterator yields dicts ``image`` float32 (B, H, W, 3) in [0, 1], ``pixels``
+      float32 (B, H, W) (1 where the pixel comes from the image, 0 on augmentation padding:
+      not label information), ``mask`` int32 (B, H, W) (255 = void), ``tags`` float32 (B, K),
+      ``size`` float32 (B, K), ``valid`` float32 (B,), and has ``get_state()`` /
+      ``set_state(state)``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
@@ -309,7 +316,13 @@ def make_loader(
         num_epochs=num_epochs,
         seed=seed,
     )
-    transform = (_TrainTransform if train else _EvalTransform)(image_size, meta.num_classes)
+    if train:
+        lo, hi = (float(v) for v in scale_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range: expected 0 < lo <= hi, got {scale_range}")
+        transform = _TrainTransform(image_size, meta.num_classes, (lo, hi))
+    else:
+        transform = _EvalTransform(image_size, meta.num_classes)
     batch = grain.Batch(
         batch_size=batch_size, drop_remainder=train, batch_fn=_PadAndStack(batch_size)
     )
