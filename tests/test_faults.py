@@ -26,6 +26,7 @@ import warnings
 
 import fakes
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -35,7 +36,8 @@ from ccnn_jax.configs import synthetic
 from ccnn_jax.data import checks, voc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = f"{ROOT / 'ccnn_jax' / 'configs' / 'synthetic.py'}:ccnn,tiny"
+#: The tiny synthetic config without pretraining (``scratch``): a fault test's run starts at once.
+CONFIG = f"{ROOT / 'ccnn_jax' / 'configs' / 'synthetic.py'}:ccnn,tiny,scratch"
 #: The run most tests share: 40 tiny steps, a log row per step, a checkpoint only at the end
 #: (so a mid-run checkpoint can only come from a signal).
 RUN_FLAGS = ("--config.num_steps=40", "--config.log_every=1", "--config.checkpoint_every=100")
@@ -267,7 +269,7 @@ def test_diverging_run_stops_and_keeps_the_good_checkpoints_and_results(
 
 
 def test_a_nonfinite_step_is_not_applied():
-    config = synthetic.get_config("full,tiny")
+    config = synthetic.get_config("full,tiny,scratch")
     config.model.depth, config.model.output_stride = 1, 1  # the smallest net: a quick compile
     graphdef, state, tx = train.create_train_state(config, 3)
     meta = type("Meta", (), {"background": 0, "num_classes": 3})
@@ -296,6 +298,7 @@ def test_rerun_with_another_config_is_refused_and_leaves_the_run_untouched(
     workdir = finished_run.workdir
     before = _tree(workdir)
     mil = CONFIG.replace(":ccnn,", ":mil,")
+    assert mil != CONFIG
     refused = _train(workdir, data_dir, xla_cache, *RUN_FLAGS, "--config.model.width=8", config=mil)
     assert refused.returncode == 1, refused.stderr[-3000:]
     assert refused.stderr.strip() == refused.error  # one line
@@ -309,7 +312,7 @@ def test_fields_that_may_differ_are_taken_and_shape_mismatches_are_named(
 ):
     workdir = tmp_path / "copy"
     shutil.copytree(finished_run.workdir, workdir)
-    config = synthetic.get_config("ccnn,tiny")
+    config = synthetic.get_config("ccnn,tiny,scratch")
     config.data_dir = data_dir
     config.num_steps, config.log_every, config.checkpoint_every = 40, 5, 7
     out = run.train(config, workdir, progress=False)  # finished: restores, trains nothing
@@ -339,7 +342,7 @@ def test_init_from_source_is_read_only_and_a_mistyped_one_creates_nothing(
     leftover = source / "checkpoints" / "41.orbax-checkpoint-tmp-1700000000"
     leftover.mkdir()  # a save in progress (or interrupted) in the source run
     before = _tree(source)
-    config = synthetic.get_config("ccnn,tiny")
+    config = synthetic.get_config("ccnn,tiny,scratch")
     _, fresh, _ = train.create_train_state(config, 9)
     warm = run.warm_start(fresh, jax.eval_shape(lambda: fresh), str(source))
     assert int(warm.step) == 0
@@ -382,12 +385,20 @@ BAD_SETTINGS = {
     "checkpoint_every": -1,
     "worker_count": -1,
     "init_from": "",
+    "scale_range": (1.2, 0.8),
+    "model.classifier": "yes",
+    "pretrain.steps": -1,
+    "pretrain.learning_rate": float("inf"),
+    "pretrain.batch_size": 0,
+    "pretrain.image_size": (32, 30),
+    "pretrain.scale_range": (0.0, 1.0),
+    "pretrain.workdir": "",
 }
 
 
 @pytest.mark.parametrize("field", sorted(BAD_SETTINGS))
 def test_each_bad_setting_gets_a_one_line_error_naming_it(field):
-    config = synthetic.get_config("ccnn,tiny")
+    config = synthetic.get_config("ccnn,tiny,scratch")
     node, leaf = config, field
     if "." in field:
         section, leaf = field.split(".")
@@ -402,12 +413,29 @@ def test_each_bad_setting_gets_a_one_line_error_naming_it(field):
 
 
 def test_bounds_in_the_wrong_order_are_named():
-    config = synthetic.get_config("ccnn,tiny")
+    config = synthetic.get_config("ccnn,tiny,scratch")
     config.constraints.bg_lower = 0.99
     with pytest.raises(configs.ConfigError, match=r"constraints.bg_lower must be <= config"):
         configs.validate(config)
     with pytest.raises(configs.ConfigError, match="divisible by the 3 devices"):
-        configs.validate(synthetic.get_config("ccnn,tiny"), num_devices=3)
+        configs.validate(synthetic.get_config("ccnn,tiny,scratch"), num_devices=3)
+
+
+def test_nan_hardness_and_pretraining_without_its_classifier_are_named():
+    config = synthetic.get_config("ccnn,tiny,scratch")
+    config.hardness = float("nan")
+    with pytest.raises(configs.ConfigError, match=r"^config.hardness must be a finite number"):
+        configs.validate(config)
+    config = synthetic.get_config("ccnn,tiny")  # pretrains: the model needs its classifier
+    config.model.classifier = False
+    with pytest.raises(configs.ConfigError, match=r"^config.model.classifier must be True"):
+        configs.validate(config)
+    config.init_from = "/some/run"  # a warm start instead: no pretraining, no classifier needed
+    configs.validate(config)
+    config = synthetic.get_config("pretrain,tiny")
+    config.model.classifier = False
+    with pytest.raises(configs.ConfigError, match=r"^config.model.classifier must be True"):
+        configs.validate(config)
 
 
 @pytest.mark.parametrize(
@@ -483,3 +511,82 @@ def test_a_path_as_voc_id_cannot_read_outside_manual_dir(tmp_path):
     with pytest.raises(checks.BadInputError, match=r"val.txt: line \d+: '../../../../outside'"):
         _prepare_voc(manual, tmp_path / "data")
     assert expected  # the fake itself was fine
+
+
+# ----------------------------------------------------------------------------- solver arguments
+
+
+def _solver_problem():
+    from ccnn_jax import constraints
+
+    log_q = jax.nn.log_softmax(jax.random.normal(jax.random.key(0), (8, 8, 4)))
+    return log_q, constraints.from_tags(np.array([True, True, False, False]))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(hardness=float("nan")), "hardness must be finite and > 0"),
+        (dict(tol=-1e-4), "tol must be >= 0"),
+        (dict(max_iter=0), "max_iter must be an integer >= 1"),
+        (dict(max_lambda=0.0), "max_lambda must be finite and > 0"),
+        (dict(log_q="list"), "log_q must be a numpy or jax array"),
+        (dict(cons="no rows"), "C = 0 rows"),
+        (dict(cons="nan weights"), "weights must be finite"),
+    ],
+)
+def test_each_bad_solver_argument_gets_a_one_line_error_naming_it(change, message):
+    from ccnn_jax import LinearConstraints, solve
+
+    log_q, cons = _solver_problem()
+    kwargs = dict(change)
+    if kwargs.get("log_q") == "list":
+        log_q = np.asarray(log_q).tolist()
+        del kwargs["log_q"]
+    if kwargs.get("cons") == "no rows":
+        cons = LinearConstraints(np.zeros((0, 4)), np.zeros(0), np.zeros(0), np.ones(4, bool))
+        del kwargs["cons"]
+    with pytest.raises(ValueError, match=message) as e:
+        if kwargs.get("cons") == "nan weights":
+            weights = np.ones((cons.a.shape[0], 8, 8), np.float32)
+            weights[0, 0, 0] = np.nan
+            del kwargs["cons"]
+            cons = LinearConstraints(cons.a, cons.b, cons.beta, cons.mask, weights)
+        solve(log_q, cons, **kwargs)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "fault", ["nan log_q", "nan hardness", "negative beta", "nan beta", "no label", "nan b"]
+)
+def test_invalid_solver_inputs_under_jit_are_never_reported_as_a_success(fault):
+    """Traced under ``jit`` nothing can raise: the solve reports feasible = converged = False."""
+    from ccnn_jax import LinearConstraints, solve, solve_batch
+
+    log_q, cons = _solver_problem()
+    lq, b, beta, mask, hardness = log_q, cons.b, cons.beta, cons.mask, 1.0
+    if fault == "nan log_q":
+        lq = log_q.at[2, 3, 1].set(jnp.nan)
+    elif fault == "nan hardness":
+        hardness = float("nan")
+    elif fault == "negative beta":
+        beta = beta.at[0].set(-1.0)
+    elif fault == "nan beta":
+        beta = beta.at[0].set(jnp.nan)
+    elif fault == "no label":
+        mask = jnp.zeros_like(mask)
+    elif fault == "nan b":
+        b = b.at[0].set(jnp.nan)
+
+    @jax.jit
+    def solve_traced(lq, b, beta, mask, hardness):
+        c = LinearConstraints(cons.a, b, beta, mask)
+        one = solve(lq, c, hardness=hardness)
+        batch = solve_batch(lq[None], jax.tree.map(lambda x: x[None], c), hardness=hardness)
+        return one.info, batch.info
+
+    for info in solve_traced(lq, b, beta, mask, hardness):
+        assert not np.any(info.feasible), fault
+        assert not np.any(info.converged), fault
+    ok, _ = solve_traced(log_q, cons.b, cons.beta, cons.mask, 1.0)
+    assert bool(ok.feasible) and bool(ok.converged)
