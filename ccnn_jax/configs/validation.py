@@ -21,11 +21,13 @@ import ml_collections
 #: Fields a rerun in an existing workdir may change; any other difference from the workdir's
 #: recorded config is refused. ``num_steps`` extends (or shortens) a run: the learning-rate
 #: schedule is recomputed for the new length, so an extended run is not identical to one
-#: started with that many steps. The others change only logging, checkpoint cadence, figures,
-#: evaluation batching or where the data lives, never the trained weights. Not here:
-#: ``worker_count`` (grain's saved iterator position is tied to it and refuses another count),
-#: ``init_from`` (the run's starting point) and everything numeric about the model, data,
-#: optimizer, loss and solver.
+#: started with that many steps. ``init_from`` and ``pretrain.workdir`` are paths to the run's
+#: starting point, read only when the workdir has no checkpoint (a rerun resumes its checkpoint
+#: whatever they say; pretraining resumes its stages without them). The others change only
+#: logging, checkpoint cadence, figures, evaluation batching or where the data lives, never the
+#: trained weights. Not here: ``worker_count`` (grain's saved iterator position is tied to it
+#: and refuses another count) and everything numeric about the model, data, optimizer, loss,
+#: solver and pretraining.
 RERUN_MAY_DIFFER = (
     "num_steps",
     "log_every",
@@ -35,6 +37,8 @@ RERUN_MAY_DIFFER = (
     "eval_batch_size",
     "data_dir",
     "manual_dir",
+    "init_from",
+    "pretrain.workdir",
 )
 
 _SOLVER_METHODS = ("newton", "pga")
