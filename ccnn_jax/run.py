@@ -4,12 +4,21 @@
 (resuming from the workdir's checkpoints), evaluates on the validation split and writes the
 run's results and figures. The numerics are the pure steps of :mod:`ccnn_jax.train`; this module
 is the only one that reads and writes a run's files.
+
+What a run guarantees about its workdir (see :func:`train`): the config is validated before
+anything is touched; one process at a time holds the workdir; a rerun must use the config the
+workdir was made with (``config.json``; :data:`ccnn_jax.configs.RERUN_MAY_DIFFER` may change);
+a non-finite step is never applied or written, and stops the run (:class:`NonFiniteError`);
+SIGTERM / SIGINT finish the current step, save it and stop (:class:`Interrupted`). Either stop
+leaves the earlier checkpoints and ``results.json`` as they were.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -51,16 +60,25 @@ class TrainOutput:
         return train_lib.merge_model(self.graphdef, jax.device_get(self.state))
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
-    if config.method not in configs.METHODS:
-        raise ValueError(f"config.method must be one of {configs.METHODS}, got {config.method!r}")
-    for name in ("num_steps", "batch_size", "eval_batch_size"):
-        if int(config[name]) < 1:
-            raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
-    n = jax.device_count()
-    for name in ("batch_size", "eval_batch_size"):
-        if config[name] % n:
-            raise ValueError(f"config.{name} = {config[name]} must be divisible by the {n} devices")
+class TrainingStopped(RuntimeError):
+    """Training stopped before ``num_steps``; the checkpoints written so far are intact.
+
+    ``exit_code`` is the status the command-line scripts exit with.
+    """
+
+    exit_code = 1
+
+
+class NonFiniteError(TrainingStopped):
+    """A step produced a NaN or inf; it was not applied and nothing after it was written."""
+
+
+class Interrupted(TrainingStopped):
+    """SIGTERM or SIGINT: the current step was finished and checkpointed, then the run stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def absolute(workdir: epath.PathLike) -> epath.Path:
@@ -134,21 +152,23 @@ def warm_start(
     run in ``init_from`` (a workdir); step and optimizer state stay fresh.
 
     The fine-tuning analogue of the original CCNN starting from a pretrained network. The source
-    run must use the same model config (same variable shapes) and optimizer structure.
+    run must use the same model config (same variable shapes) and optimizer structure; it is
+    opened read-only (nothing there is created, moved or cleaned up), and a missing or
+    mismatched source raises :class:`ccnn_jax.configs.ConfigError` naming ``config.init_from``.
     """
     source = absolute(init_from)
-    ckpt = checkpoint_lib.Checkpointer(source / "checkpoints")
+    ckpt = checkpoint_lib.Checkpointer(source / "checkpoints", read_only=True)
     try:
-        restored = ckpt.restore_latest(abstract, None, read_only=True)
+        restored = ckpt.restore_latest(abstract, None)
     except checkpoint_lib.CheckpointError as e:
-        raise ValueError(
+        raise configs.ConfigError(
             f"config.init_from: the checkpoint in {source} does not match this run's model "
             f"(same model and optimizer config expected): {e}"
-        ) from e
+        ) from None
     finally:
         ckpt.close()
     if restored is None:
-        raise FileNotFoundError(
+        raise configs.ConfigError(
             f"config.init_from: no checkpoint under {source / 'checkpoints'} (expected the "
             "workdir of a finished or interrupted training run)"
         )
@@ -159,13 +179,14 @@ def warm_start(
 
 class _TrainLog:
     """Window means of the step metrics every ``config.log_every`` steps (metrics.jsonl and
-    TensorBoard, main process only) and a progress bar."""
+    TensorBoard, main process only) and a progress bar; checks the window for non-finite
+    steps (:func:`ccnn_jax.train.train_step`'s ``nonfinite``) before writing it."""
 
     def __init__(self, workdir, config, *, start_step: int, progress: bool):
         is_main = jax.process_index() == 0
         self.writer = reporting.MetricWriter(workdir, resume_step=start_step, enabled=is_main)
         self.every = max(int(config.log_every), 1)
-        self.pending: list[dict] = []
+        self.pending: list[tuple[int, dict]] = []
         self.bar = None
         if progress and is_main and start_step < int(config.num_steps):
             from tqdm.auto import tqdm
@@ -179,16 +200,31 @@ class _TrainLog:
             )
         self.t_window = time.time()
 
-    def add(self, step: int, step_metrics: dict, *, last: bool) -> None:
-        self.pending.append(step_metrics)
+    def add(self, step: int, step_metrics: dict) -> None:
+        """Keeps a step's metrics (device arrays, not synchronised) for the next window."""
+        self.pending.append((step, step_metrics))
         if self.bar is not None:
             self.bar.update(1)
-        if step % self.every == 0 or last:
-            row = _summarize_train(jax.device_get(self.pending), time.time() - self.t_window)
-            self.pending, self.t_window = [], time.time()
-            self.writer.write(step, row, prefix="train/")
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{row['loss']:.4f}", miou=f"{row['miou']:.3f}")
+
+    def first_nonfinite(self) -> tuple[int, list[str]] | None:
+        """(step, quantities) of the first pending step that was not applied, or None."""
+        codes = jax.device_get([m["nonfinite"] for _, m in self.pending])
+        for (step, _), code in zip(self.pending, codes, strict=True):
+            if int(code):
+                return step, train_lib.nonfinite_names(code)
+        return None
+
+    def flush(self) -> None:
+        """Writes the window means of the pending steps (call after :meth:`first_nonfinite`)."""
+        if not self.pending:
+            return
+        rows = jax.device_get([m for _, m in self.pending])
+        row = _summarize_train(rows, time.time() - self.t_window)
+        step = self.pending[-1][0]
+        self.pending, self.t_window = [], time.time()
+        self.writer.write(step, row, prefix="train/")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", miou=f"{row['miou']:.3f}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -199,13 +235,48 @@ class _TrainLog:
 def _summarize_train(rows: list[dict], seconds: float) -> dict[str, float]:
     """Window means of scalar metrics; mIoU / accuracy from the summed confusion matrices."""
     confusion = np.sum([r["confusion"] for r in rows], axis=0)
-    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "confusion"}
+    skip = ("confusion", "nonfinite")
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in skip}
     if "solver_violation" in out:
         out["solver_violation"] = float(np.max([r["solver_violation"] for r in rows]))
     out["miou"] = metrics.mean_iou(confusion)
     out["pixel_accuracy"] = metrics.pixel_accuracy(confusion)
     out["steps_per_second"] = len(rows) / max(seconds, 1e-9)
     return out
+
+
+class _StopOnSignal:
+    """Within the block, SIGTERM and SIGINT set :attr:`signum` instead of ending the process, so
+    the loop can finish its step and checkpoint. The previous handlers return with the first
+    signal (a second one acts as usual) and when the block ends. Main thread only."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> _StopOnSignal:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        self.signum = signum
+        self._restore()
+        print(
+            f"\nReceived {signal.Signals(signum).name}: finishing the current step and saving a "
+            "checkpoint (send it again to stop at once)",
+            flush=True,
+        )
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
 
 
 def train(
@@ -222,10 +293,46 @@ def train(
     the same parameters as an uninterrupted one; a finished run returns at once.
     ``max_steps_this_run`` stops (after checkpointing) once that many steps ran in this call, as
     a preemption would.
+
+    Raises (each message names what to fix): :class:`ccnn_jax.configs.ConfigError` for an
+    invalid field (before the workdir is touched); :class:`ccnn_jax.checkpoint.WorkdirError`
+    when another process holds the workdir, the workdir was made with another config (see
+    :func:`ccnn_jax.checkpoint.check_config_record`) or its checkpoints do not fit;
+    :class:`NonFiniteError` when a step is non-finite (it is not applied and nothing after the
+    previous checkpoint is written); :class:`Interrupted` after SIGTERM / SIGINT (the current
+    step is checkpointed first).
     """
-    _check_config(config)
-    workdir = absolute(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = _validated_workdir(config, workdir)
+    with checkpoint_lib.workdir_lock(workdir):
+        ckpt = checkpoint_lib.Checkpointer(
+            workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep
+        )
+        try:
+            checkpoint_lib.check_config_record(
+                workdir,
+                config.to_dict(),
+                may_differ=configs.RERUN_MAY_DIFFER,
+                has_checkpoints=bool(ckpt.all_steps()),
+            )
+            return _train_in(config, workdir, ckpt, max_steps_this_run, progress)
+        finally:
+            ckpt.close()
+
+
+def _validated_workdir(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> epath.Path:
+    """``workdir`` made absolute, after :func:`ccnn_jax.configs.validate` passed on ``config``."""
+    configs.validate(config, num_devices=jax.device_count())
+    return absolute(workdir)
+
+
+def _train_in(
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    ckpt: checkpoint_lib.Checkpointer,
+    max_steps_this_run: int | None,
+    progress: bool,
+) -> TrainOutput:
+    """:func:`train` once the workdir is locked and its config record checked."""
     distributed.main_process_first(
         lambda: pipeline.prepare(
             config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir
@@ -245,34 +352,28 @@ def train(
         scale_range=tuple(config.scale_range),
     )
     data_iter = iter(loader)
-    ckpt = checkpoint_lib.Checkpointer(
-        workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep
+    state, resumed_from, seconds = restore_or_init(
+        config, ckpt, data_iter, steps, abstract, meta.num_classes, progress=progress
     )
+    start_step = int(jax.device_get(state.step))
+    last_step = int(config.num_steps)
+    if max_steps_this_run is not None:
+        last_step = min(last_step, start_step + int(max_steps_this_run))
+    log = _TrainLog(workdir, config, start_step=start_step, progress=progress)
     try:
-        state, resumed_from, seconds = restore_or_init(
-            config, ckpt, data_iter, steps, abstract, meta.num_classes, progress=progress
+        state, seconds = _train_steps(
+            state,
+            steps,
+            data_iter,
+            ckpt,
+            log,
+            start_step=start_step,
+            last_step=last_step,
+            checkpoint_every=int(config.checkpoint_every),
+            seconds=seconds,
         )
-        start_step = int(jax.device_get(state.step))
-        last_step = int(config.num_steps)
-        if max_steps_this_run is not None:
-            last_step = min(last_step, start_step + int(max_steps_this_run))
-        log = _TrainLog(workdir, config, start_step=start_step, progress=progress)
-        try:
-            state, seconds = _train_steps(
-                state,
-                steps,
-                data_iter,
-                ckpt,
-                log,
-                start_step=start_step,
-                last_step=last_step,
-                checkpoint_every=int(config.checkpoint_every),
-                seconds=seconds,
-            )
-        finally:
-            log.close()
     finally:
-        ckpt.close()
+        log.close()
     return TrainOutput(graphdef, state, steps, spec, meta, seconds, resumed_from)
 
 
@@ -290,19 +391,58 @@ def _train_steps(
 ) -> tuple[train_lib.TrainState, float]:
     """Steps ``start_step + 1 .. last_step``: train, log, checkpoint every ``checkpoint_every``
     steps (0: never) and at ``last_step``. Returns the state and the training seconds
-    (``seconds`` before this call plus this call's, as recorded in the last checkpoint)."""
+    (``seconds`` before this call plus this call's, as recorded in the last checkpoint).
+
+    The steps' ``nonfinite`` flags are read only where the loop synchronises anyway (a log
+    window or a checkpoint); a non-finite step raises :class:`NonFiniteError` before anything
+    of its window is written. A signal stops the loop after the current step, checkpointed.
+    """
     seconds_before, t_start = seconds, time.time()
-    for step in range(start_step + 1, last_step + 1):
-        batch = steps.put_batch(next(data_iter))
-        if step == start_step + 1:
-            distributed.compile_together(steps.train, state, batch, name="train step")
-        state, step_metrics = steps.train(state, batch)
-        last = step == last_step
-        log.add(step, step_metrics, last=last)
-        if (checkpoint_every > 0 and step % checkpoint_every == 0) or last:
-            seconds = seconds_before + time.time() - t_start
-            ckpt.save(step, state, data_iter, {"step": step, "seconds": seconds}, force=last)
+    with _StopOnSignal() as stop:
+        for step in range(start_step + 1, last_step + 1):
+            batch = steps.put_batch(next(data_iter))
+            if step == start_step + 1:
+                distributed.compile_together(steps.train, state, batch, name="train step")
+            state, step_metrics = steps.train(state, batch)
+            log.add(step, step_metrics)
+            stopping = stop.signum is not None  # read once: a signal may arrive at any line
+            end = step == last_step or stopping
+            save = end or (checkpoint_every > 0 and step % checkpoint_every == 0)
+            if save or step % log.every == 0:
+                _raise_if_nonfinite(log, ckpt)
+            if end or step % log.every == 0:
+                log.flush()
+            if save:
+                seconds = seconds_before + time.time() - t_start
+                ckpt.save(step, state, data_iter, {"step": step, "seconds": seconds}, force=end)
+            if stopping:
+                raise _interrupted(stop.signum, step, ckpt)
     return state, seconds
+
+
+def _raise_if_nonfinite(log: _TrainLog, ckpt: checkpoint_lib.Checkpointer) -> None:
+    """NonFiniteError naming the first non-finite pending step, its quantities and the
+    checkpoint the run can go back to."""
+    bad = log.first_nonfinite()
+    if bad is None:
+        return
+    step, names = bad
+    saved = ckpt.all_steps()
+    kept = f"latest checkpoint: step {saved[-1]}" if saved else "no checkpoint was written"
+    raise NonFiniteError(
+        f"step {step}: non-finite {', '.join(names)} (NaN or inf); the step was not applied and "
+        f"the run stopped ({kept} in {ckpt.directory}); lower config.learning_rate or check the "
+        "data and loss settings"
+    )
+
+
+def _interrupted(signum: int, step: int, ckpt: checkpoint_lib.Checkpointer) -> Interrupted:
+    name = signal.Signals(signum).name
+    return Interrupted(
+        f"stopped by {name} after step {step}, saved as a checkpoint in {ckpt.directory}; rerun "
+        "the same command to resume",
+        signum,
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -377,9 +517,22 @@ def train_and_evaluate(
     Writes to ``workdir``: ``results.json`` (method, dataset, miou, pixel_accuracy,
     per_class_iou, class_names, steps, seconds, ...), ``results.md``, ``predictions.png``
     (image | ground truth | prediction | latent P argmax), ``curves.png``, ``metrics.jsonl``,
-    ``tensorboard/`` and ``checkpoints/``. Returns the results dict.
+    ``tensorboard/``, ``checkpoints/`` and ``config.json`` (the config the workdir was made
+    with). Returns the results dict. Holds the workdir's lock until the outputs are written;
+    raises as :func:`train` does, before any output is written.
     """
-    workdir = absolute(workdir)
+    workdir = _validated_workdir(config, workdir)
+    with checkpoint_lib.workdir_lock(workdir):
+        return _train_and_evaluate_in(config, workdir, max_steps_this_run, progress)
+
+
+def _train_and_evaluate_in(
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    max_steps_this_run: int | None,
+    progress: bool,
+) -> dict:
+    """:func:`train_and_evaluate` once the workdir is locked."""
     out = train(config, workdir, max_steps_this_run=max_steps_this_run, progress=progress)
     step = int(jax.device_get(out.state.step))
     t0 = time.time()

@@ -3,8 +3,10 @@ r"""Pure training pieces: train state, optimizer, jitted train / eval / predict 
 The train state is a pytree; :func:`train_step`, :func:`eval_step` and :func:`predict_step` are
 pure functions of (state, batch), jitted by :func:`make_steps` with explicit shardings over a
 ``("data",)`` mesh of all devices: the batch is split along its leading axis, parameters are
-replicated. The loss of each method is :func:`ccnn_jax.losses.compute_loss`; the run loop that
-restores, trains, checkpoints and evaluates is :mod:`ccnn_jax.run`.
+replicated. A train step with a non-finite loss, gradient or update is not applied (its
+``nonfinite`` metric says which; the run loop stops on it). The loss of each method is
+:func:`ccnn_jax.losses.compute_loss`; the run loop that restores, trains, checkpoints and
+evaluates is :mod:`ccnn_jax.run`.
 """
 
 from __future__ import annotations
@@ -202,6 +204,11 @@ def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
 # ----------------------------------------------------------------------------- steps
 
 
+#: The quantities the non-finite guard of :func:`train_step` checks, in the bit order of its
+#: ``nonfinite`` metric (bit i set: ``NONFINITE_QUANTITIES[i]`` has a NaN or inf).
+NONFINITE_QUANTITIES = ("loss", "grads", "params", "opt_state")
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -210,10 +217,17 @@ def train_step(
     tx: optax.GradientTransformation,
     spec: LossSpec,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step; pure. Metrics: loss, grad_norm, train confusion (K, K), solver stats.
+    """One optimizer step; pure. Metrics: loss, grad_norm, train confusion (K, K), solver stats
+    and ``nonfinite``.
 
     For ``"pretrain"`` the network's image class scores (``model.classify``) are trained and the
     confusion is over images (:func:`classification_confusion`).
+
+    Non-finite guard: when the loss, a gradient, an updated parameter (or batch statistic) or
+    the updated optimizer state holds a NaN or inf, the step is not applied (the returned state
+    is ``state``, step count included) and ``nonfinite`` (int32) has the bits of
+    :data:`NONFINITE_QUANTITIES` set; it is 0 for an applied step. The choice is a ``where``
+    inside the step: no host synchronisation.
     """
 
     def loss_fn(params, batch_stats):
@@ -236,12 +250,45 @@ def train_step(
     else:
         pred = jnp.argmax(upsample_logits(outputs, batch["mask"].shape[1:3]), axis=-1)
         confusion = metrics.confusion_matrix(pred, batch["mask"], spec.num_classes, batch["valid"])
-    out = {"loss": loss, "grad_norm": optax.global_norm(grads), "confusion": confusion}
+    nonfinite = nonfinite_code(
+        loss=loss, grads=grads, params=(params, batch_stats), opt_state=opt_state
+    )
+    out = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "confusion": confusion,
+        "nonfinite": nonfinite,
+    }
     out.update({k: v for k, v in aux.items() if k != "p"})
-    new_state = state.replace(
+    candidate = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
+    applied = nonfinite == 0
+    new_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), candidate, state)
     return new_state, out
+
+
+def nonfinite_code(**quantities: Any) -> jax.Array:
+    """int32 with bit i set when ``quantities[NONFINITE_QUANTITIES[i]]`` has a NaN or inf."""
+    code = jnp.zeros((), jnp.int32)
+    for bit, name in enumerate(NONFINITE_QUANTITIES):
+        code = code | jnp.where(_all_finite(quantities[name]), 0, 1 << bit).astype(jnp.int32)
+    return code
+
+
+def nonfinite_names(code: int) -> list[str]:
+    """The :data:`NONFINITE_QUANTITIES` whose bits are set in ``code``."""
+    return [name for bit, name in enumerate(NONFINITE_QUANTITIES) if int(code) & (1 << bit)]
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """True when every floating-point leaf of ``tree`` is finite (no NaN, no inf)."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def classification_confusion(scores_BxK: jax.Array, batch: dict, spec: LossSpec) -> jax.Array:

@@ -27,7 +27,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ccnn_jax import one_step_report, one_step_run
+from ccnn_jax import cli, one_step_report, one_step_run
 from ccnn_jax.configs import one_step as one_step_config
 
 FLAGS = flags.FLAGS
@@ -60,4 +60,4 @@ def _define_flags():
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

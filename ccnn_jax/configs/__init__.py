@@ -5,7 +5,8 @@ each define ``get_config(config_string)``; pass their file path to ``--config`` 
 ``experiments/``, e.g. ``--config ccnn_jax/configs/synthetic.py:mil``. Each dataset config calls
 :func:`parse` on its config string (``"<method>[,option...]"``) and :func:`base`, then sets its
 dataset, image size, model and schedule. :func:`base` is the one place for the fields every run
-reads, with their defaults, so the dataset configs hold only what differs.
+reads, with their defaults, so the dataset configs hold only what differs. :func:`validate`
+checks a config before a run starts (see :mod:`ccnn_jax.configs.validation`).
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ import dataclasses
 import ml_collections
 
 from ccnn_jax import constraints
+from ccnn_jax.configs.validation import RERUN_MAY_DIFFER, ConfigError, validate
 from ccnn_jax.data import pipeline
+
+__all__ = ["METHODS", "RERUN_MAY_DIFFER", "ConfigError", "base", "parse", "validate"]
 
 METHODS = ("ccnn", "ccnn_size", "mil", "full", "pretrain")
 
 
 def parse(config_string: str | None, options: tuple[str, ...]) -> tuple[str, set[str]]:
-    """``"mil,tiny"`` -> ("mil", {"tiny"}); unknown methods or options raise ValueError."""
+    """``"mil,tiny"`` -> ("mil", {"tiny"}); unknown methods or options raise ConfigError."""
     parts = [p.strip() for p in (config_string or "ccnn").split(",") if p.strip()]
     method = parts[0] if parts else "ccnn"
     if method not in METHODS:
-        raise ValueError(f"config string: method must be one of {METHODS}, got {method!r}")
+        raise ConfigError(f"config string: method must be one of {METHODS}, got {method!r}")
     unknown = set(parts[1:]) - set(options)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"config string: unknown options {sorted(unknown)} (known: {', '.join(options)})"
         )
     return method, set(parts[1:])

@@ -25,7 +25,7 @@ Expected: the README section "One latent step (issue 11)" (measured figures and 
 
 import ml_collections
 
-from ccnn_jax.configs import camvid, streets, synthetic
+from ccnn_jax.configs import ConfigError, camvid, streets, synthetic
 
 OPTIONS = ("default", "tiny", "camvid", "shapes")
 
@@ -33,7 +33,7 @@ OPTIONS = ("default", "tiny", "camvid", "shapes")
 def get_config(config_string: str = "default") -> ml_collections.ConfigDict:
     option = (config_string or "default").strip()
     if option not in OPTIONS:
-        raise ValueError(f"config string must be one of {OPTIONS}, got {option!r}")
+        raise ConfigError(f"config string must be one of {OPTIONS}, got {option!r}")
     c = ml_collections.ConfigDict()
     # Training of both networks (pixel supervision); dataset, model and optimiser come from here.
     if option == "camvid":

@@ -55,15 +55,21 @@ def _ccnn_builder_names(cls) -> set[str]:
     return names
 
 
+def known_datasets() -> list[str]:
+    """Names of the TFDS builders ccnn_jax registers (add ``/<config>`` for a builder config)."""
+    import ccnn_jax.data  # noqa: F401  (registers the builders)
+
+    return sorted(_ccnn_builder_names(tfds.core.DatasetBuilder))
+
+
 def _builder(name: str, data_dir: str | None, **kwargs) -> tfds.core.DatasetBuilder:
     import ccnn_jax.data  # noqa: F401  (registers the builders)
 
     try:
         return tfds.builder(name, data_dir=data_dir, **kwargs)
     except tfds.core.registered.DatasetNotFoundError:
-        ours = sorted(_ccnn_builder_names(tfds.core.DatasetBuilder))
         raise ValueError(
-            f"name: unknown dataset {name!r}; ccnn_jax registers {ours} "
+            f"name: unknown dataset {name!r}; ccnn_jax registers {known_datasets()} "
             "(add '/<config>' for a builder config, e.g. 'ccnn_synthetic/tiny')"
         ) from None
     except ValueError as e:  # e.g. an unknown config name
