@@ -45,13 +45,13 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean "fix the config, the workdir or the data", not a bug."""
-    from ccnn_jax import checkpoint, configs, run
+    from ccnn_jax import checkpoint, configs, stops
     from ccnn_jax.data import checks
 
     return (
         configs.ConfigError,
         checkpoint.WorkdirError,
-        run.TrainingStopped,
+        stops.TrainingStopped,
         checks.BadInputError,
         checks.MissingDownloadError,
     )

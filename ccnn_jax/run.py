@@ -8,17 +8,15 @@ is the only one that reads and writes a run's files.
 What a run guarantees about its workdir (see :func:`train`): the config is validated before
 anything is touched; one process at a time holds the workdir; a rerun must use the config the
 workdir was made with (``config.json``; :data:`ccnn_jax.configs.RERUN_MAY_DIFFER` may change);
-a non-finite step is never applied or written, and stops the run (:class:`NonFiniteError`);
-SIGTERM / SIGINT finish the current step, save it and stop (:class:`Interrupted`). Either stop
-leaves the earlier checkpoints and ``results.json`` as they were.
+a non-finite step is never applied or written, and stops the run; SIGTERM / SIGINT finish the
+current step, save it and stop (:mod:`ccnn_jax.stops`). Either stop leaves the earlier
+checkpoints and ``results.json`` as they were.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -30,7 +28,7 @@ from etils import epath
 from flax import nnx
 
 from ccnn_jax import checkpoint as checkpoint_lib
-from ccnn_jax import configs, distributed, losses, metrics, pretrain, reporting
+from ccnn_jax import configs, distributed, losses, metrics, pretrain, reporting, stops, train_log
 from ccnn_jax import train as train_lib
 from ccnn_jax.data import pipeline
 
@@ -58,27 +56,6 @@ class TrainOutput:
 
     def model(self) -> nnx.Module:
         return train_lib.merge_model(self.graphdef, jax.device_get(self.state))
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped before ``num_steps``; the checkpoints written so far are intact.
-
-    ``exit_code`` is the status the command-line scripts exit with.
-    """
-
-    exit_code = 1
-
-
-class NonFiniteError(TrainingStopped):
-    """A step produced a NaN or inf; it was not applied and nothing after it was written."""
-
-
-class Interrupted(TrainingStopped):
-    """SIGTERM or SIGINT: the current step was finished and checkpointed, then the run stopped."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 def absolute(workdir: epath.PathLike) -> epath.Path:
@@ -177,108 +154,6 @@ def warm_start(
     return state.replace(params=source_state.params, batch_stats=source_state.batch_stats)
 
 
-class _TrainLog:
-    """Window means of the step metrics every ``config.log_every`` steps (metrics.jsonl and
-    TensorBoard, main process only) and a progress bar; checks the window for non-finite
-    steps (:func:`ccnn_jax.train.train_step`'s ``nonfinite``) before writing it."""
-
-    def __init__(self, workdir, config, *, start_step: int, progress: bool):
-        is_main = jax.process_index() == 0
-        self.writer = reporting.MetricWriter(workdir, resume_step=start_step, enabled=is_main)
-        self.every = max(int(config.log_every), 1)
-        self.pending: list[tuple[int, dict]] = []
-        self.bar = None
-        if progress and is_main and start_step < int(config.num_steps):
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=int(config.num_steps),
-                initial=start_step,
-                desc=f"train {config.method}",
-                dynamic_ncols=True,
-                mininterval=1.0,
-            )
-        self.t_window = time.time()
-
-    def add(self, step: int, step_metrics: dict) -> None:
-        """Keeps a step's metrics (device arrays, not synchronised) for the next window."""
-        self.pending.append((step, step_metrics))
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def first_nonfinite(self) -> tuple[int, list[str]] | None:
-        """(step, quantities) of the first pending step that was not applied, or None."""
-        codes = jax.device_get([m["nonfinite"] for _, m in self.pending])
-        for (step, _), code in zip(self.pending, codes, strict=True):
-            if int(code):
-                return step, train_lib.nonfinite_names(code)
-        return None
-
-    def flush(self) -> None:
-        """Writes the window means of the pending steps (call after :meth:`first_nonfinite`)."""
-        if not self.pending:
-            return
-        rows = jax.device_get([m for _, m in self.pending])
-        row = _summarize_train(rows, time.time() - self.t_window)
-        step = self.pending[-1][0]
-        self.pending, self.t_window = [], time.time()
-        self.writer.write(step, row, prefix="train/")
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", miou=f"{row['miou']:.3f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        self.writer.close()
-
-
-def _summarize_train(rows: list[dict], seconds: float) -> dict[str, float]:
-    """Window means of scalar metrics; mIoU / accuracy from the summed confusion matrices."""
-    confusion = np.sum([r["confusion"] for r in rows], axis=0)
-    skip = ("confusion", "nonfinite")
-    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in skip}
-    if "solver_violation" in out:
-        out["solver_violation"] = float(np.max([r["solver_violation"] for r in rows]))
-    out["miou"] = metrics.mean_iou(confusion)
-    out["pixel_accuracy"] = metrics.pixel_accuracy(confusion)
-    out["steps_per_second"] = len(rows) / max(seconds, 1e-9)
-    return out
-
-
-class _StopOnSignal:
-    """Within the block, SIGTERM and SIGINT set :attr:`signum` instead of ending the process, so
-    the loop can finish its step and checkpoint. The previous handlers return with the first
-    signal (a second one acts as usual) and when the block ends. Main thread only."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __enter__(self) -> _StopOnSignal:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        del frame
-        self.signum = signum
-        self._restore()
-        print(
-            f"\nReceived {signal.Signals(signum).name}: finishing the current step and saving a "
-            "checkpoint (send it again to stop at once)",
-            flush=True,
-        )
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        self._previous = {}
-
-    def __exit__(self, *exc_info) -> None:
-        self._restore()
-
-
 def train(
     config: ml_collections.ConfigDict,
     workdir: epath.PathLike,
@@ -298,9 +173,9 @@ def train(
     invalid field (before the workdir is touched); :class:`ccnn_jax.checkpoint.WorkdirError`
     when another process holds the workdir, the workdir was made with another config (see
     :func:`ccnn_jax.checkpoint.check_config_record`) or its checkpoints do not fit;
-    :class:`NonFiniteError` when a step is non-finite (it is not applied and nothing after the
-    previous checkpoint is written); :class:`Interrupted` after SIGTERM / SIGINT (the current
-    step is checkpointed first).
+    ``stops.NonFiniteError`` when a step is non-finite (it is not applied and nothing after
+    the previous checkpoint is written); ``stops.Interrupted`` after SIGTERM / SIGINT (the
+    current step is checkpointed first).
     """
     workdir = _validated_workdir(config, workdir)
     with checkpoint_lib.workdir_lock(workdir):
@@ -359,7 +234,7 @@ def _train_in(
     last_step = int(config.num_steps)
     if max_steps_this_run is not None:
         last_step = min(last_step, start_step + int(max_steps_this_run))
-    log = _TrainLog(workdir, config, start_step=start_step, progress=progress)
+    log = train_log.TrainLog(workdir, config, start_step=start_step, progress=progress)
     try:
         state, seconds = _train_steps(
             state,
@@ -382,7 +257,7 @@ def _train_steps(
     steps: train_lib.Steps,
     data_iter: Any,
     ckpt: checkpoint_lib.Checkpointer,
-    log: _TrainLog,
+    log: train_log.TrainLog,
     *,
     start_step: int,
     last_step: int,
@@ -394,11 +269,11 @@ def _train_steps(
     (``seconds`` before this call plus this call's, as recorded in the last checkpoint).
 
     The steps' ``nonfinite`` flags are read only where the loop synchronises anyway (a log
-    window or a checkpoint); a non-finite step raises :class:`NonFiniteError` before anything
-    of its window is written. A signal stops the loop after the current step, checkpointed.
+    window or a checkpoint); a non-finite step raises ``stops.NonFiniteError`` before
+    anything of its window is written. A signal stops the loop after the current step, checkpointed.
     """
     seconds_before, t_start = seconds, time.time()
-    with _StopOnSignal() as stop:
+    with stops.StopOnSignal() as stop:
         for step in range(start_step + 1, last_step + 1):
             batch = steps.put_batch(next(data_iter))
             if step == start_step + 1:
@@ -409,40 +284,15 @@ def _train_steps(
             end = step == last_step or stopping
             save = end or (checkpoint_every > 0 and step % checkpoint_every == 0)
             if save or step % log.every == 0:
-                _raise_if_nonfinite(log, ckpt)
+                train_log.raise_if_nonfinite(log, ckpt)
             if end or step % log.every == 0:
                 log.flush()
             if save:
                 seconds = seconds_before + time.time() - t_start
                 ckpt.save(step, state, data_iter, {"step": step, "seconds": seconds}, force=end)
             if stopping:
-                raise _interrupted(stop.signum, step, ckpt)
+                raise stops.interrupted(stop.signum, step, ckpt)
     return state, seconds
-
-
-def _raise_if_nonfinite(log: _TrainLog, ckpt: checkpoint_lib.Checkpointer) -> None:
-    """NonFiniteError naming the first non-finite pending step, its quantities and the
-    checkpoint the run can go back to."""
-    bad = log.first_nonfinite()
-    if bad is None:
-        return
-    step, names = bad
-    saved = ckpt.all_steps()
-    kept = f"latest checkpoint: step {saved[-1]}" if saved else "no checkpoint was written"
-    raise NonFiniteError(
-        f"step {step}: non-finite {', '.join(names)} (NaN or inf); the step was not applied and "
-        f"the run stopped ({kept} in {ckpt.directory}); lower config.learning_rate or check the "
-        "data and loss settings"
-    )
-
-
-def _interrupted(signum: int, step: int, ckpt: checkpoint_lib.Checkpointer) -> Interrupted:
-    name = signal.Signals(signum).name
-    return Interrupted(
-        f"stopped by {name} after step {step}, saved as a checkpoint in {ckpt.directory}; rerun "
-        "the same command to resume",
-        signum,
-    )
 
 
 # ----------------------------------------------------------------------------- evaluation
