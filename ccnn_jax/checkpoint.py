@@ -204,6 +204,8 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple]:
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # stored as its key data
+            leaf = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
         out["/".join(str(k) for k in keys)] = (tuple(leaf.shape), str(leaf.dtype))
     return out
 

@@ -451,7 +451,7 @@ def test_nan_hardness_and_pretraining_without_its_classifier_are_named():
     "flag, message",
     [
         ("--config.lerning_rate=0.1", "--config.lerning_rate: no such config field"),
-        ("--config.learning_rate=-1", "config.learning_rate must be a finite number in (0, inf]"),
+        ("--config.learning_rate=-1", "config.learning_rate must be a finite number in [0, inf]"),
         ("--config=ccnn_jax/configs/synthetic.py:ccnn,bogus", "unknown options ['bogus']"),
     ],
 )

@@ -32,8 +32,12 @@ RUN_TIMEOUT_S = 420  # both processes together, on a loaded 2-core machine
 # The survivor of a failure is ended within the heartbeat timeout (10 s) plus start-up; allow
 # for the run up to the failure.
 FAILURE_TIMEOUT_S = 300
-# What JAX says when the distributed service ends a process whose peer died.
-SERVICE_ERROR = "heartbeat timeout|distributed service detected fatal errors|another task died"
+# What the survivor says when its peer died: JAX's distributed service ending it, or (when it
+# was inside a collective at the time) gloo's lost connection, reported by exit_on_error.
+SERVICE_ERROR = (
+    "heartbeat timeout|distributed service detected fatal errors|another task died"
+    "|Gloo .* failed.*Connection reset by peer"
+)
 
 
 def _free_port() -> int:

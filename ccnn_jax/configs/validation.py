@@ -94,7 +94,7 @@ def _check_counts(config) -> None:
 
 
 def _check_optimizer(config) -> None:
-    _number(config, "learning_rate", low=0.0, low_open=True)
+    _number(config, "learning_rate", low=0.0, note=" (0: the weights stay as loaded)")
     _number(config, "weight_decay", low=0.0)
     _number(config, "grad_clip_norm", low=0.0, note=" (0: no clipping)")
     _number(config, "final_lr_fraction", low=0.0, high=1.0)
