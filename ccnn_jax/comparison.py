@@ -21,7 +21,9 @@ ROW_KEYS = ("method", "miou", "pixel_accuracy", "per_class_iou", "steps", "secon
 def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
     """``config`` with ``method`` (every other field unchanged)."""
     if method not in configs.METHODS or method == "pretrain":
-        raise ValueError(f"methods: expected names from {configs.METHODS[:4]}, got {method!r}")
+        raise configs.ConfigError(
+            f"methods: expected names from {configs.METHODS[:4]}, got {method!r}"
+        )
     c = config.copy_and_resolve_references()
     c.method = method
     return c
@@ -39,7 +41,7 @@ def compare(
     comparison files; returns the markdown table. ``paper`` maps a method to the paper's mIoU
     (any scale) for the ratio-to-full column."""
     if not methods:
-        raise ValueError("methods: expected at least one method")
+        raise configs.ConfigError("methods: expected at least one method")
     cfgs = [method_config(config, m) for m in methods]  # all names checked before training
     workdir = run.absolute(workdir)
     rows, grids = [], {}

@@ -19,6 +19,9 @@ below :math:`10^{-5}` nats where B has no zeros.
 Constraint variants (all solved on :math:`\log Q^u`, every row
 :math:`\frac1N \sum_i P_i(l) \ge \alpha_l` over all N pixels of the image, void included):
 
+- ``all_labels``: :math:`\alpha_l` = ``alpha`` for every label of every image, whatever its
+  tags; no mask; hard rows. The seed's constraint (:func:`ccnn_jax.constraints.foreground`): it
+  needs no annotation at all, and lifts every label the network under-predicts to ``alpha``.
 - ``tags``: :math:`\alpha_l` = ``tags_alpha`` (default 0.05) for every label in the image's tags
   (background included), 0 (an inert row) for the others; no label is masked; hard rows. This is
   the seed's "every label" constraint with only image-level tags as input.
@@ -38,13 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccnn_jax import constraints as constraints_lib
-from ccnn_jax import metrics, reporting
+from ccnn_jax import metrics
 from ccnn_jax.metrics import kl_divergence
 
-VARIANTS = ("tags", "oracle", "ccnn_tags")
+VARIANTS = ("all_labels", "tags", "oracle", "ccnn_tags")
 
 _VOC = constraints_lib.VOC_BOUNDS
 DESCRIPTIONS = {
+    "all_labels": "sum_i P_i(l) >= {alpha} N for every label, every image (hard, no mask)",
     "tags": "sum_i P_i(l) >= {tags_alpha} N for tagged labels (hard, no mask)",
     "oracle": "sum_i P_i(l) >= {oracle_fraction} x true pixels of l (hard, no mask)",
     "ccnn_tags": (
@@ -96,6 +100,13 @@ def reduction(kl_full_latent: float, kl_full_under: float) -> float:
     return 1.0 - kl_full_latent / kl_full_under
 
 
+def all_labels_alpha(tags_BxK: jax.Array, alpha: float) -> jax.Array:
+    """(B, K): ``alpha`` for every label of every image that has a tag (0 for padding examples)."""
+    tags = jnp.asarray(tags_BxK)
+    real = jnp.any(tags > 0, axis=-1, keepdims=True)
+    return jnp.where(real, jnp.float32(alpha), jnp.zeros_like(tags, jnp.float32))
+
+
 def tags_alpha(tags_BxK: jax.Array, fraction: float) -> jax.Array:
     """(B, K): ``fraction`` for every tagged label, 0 elsewhere."""
     return jnp.where(jnp.asarray(tags_BxK) > 0, jnp.float32(fraction), 0.0)
@@ -127,19 +138,22 @@ def variant_constraints(
     *,
     num_classes: int,
     background: int | None,
+    alpha: float = 0.02,
     tags_fraction: float = 0.05,
     oracle_fraction: float = 0.9,
 ) -> constraints_lib.LinearConstraints:
     """Batched constraints (leading axis B) of ``variant`` for a batch with tags and masks.
 
-    Every variant has C = K + 2 rows (``tags``/``oracle``: the K label rows then two inert rows,
-    a = 0, b = 0), the shape of ``from_tags``, so all variants share one compiled solver.
-    Padding examples (zero tags) get no active row in ``tags``/``oracle`` and an all-allowed
-    mask in ``ccnn_tags``, so they are always feasible.
+    Every variant has C = K + 2 rows (``all_labels``/``tags``/``oracle``: the K label rows then
+    two inert rows, a = 0, b = 0), the shape of ``from_tags``, so all variants share one compiled
+    solver. Padding examples (zero tags) get no active row in ``all_labels``/``tags``/``oracle``
+    and an all-allowed mask in ``ccnn_tags``, so they are always feasible.
     """
     tags = jnp.asarray(batch["tags"], jnp.float32)
     if tags.ndim != 2 or tags.shape[1] != num_classes:
         raise ValueError(f"batch['tags'] must have shape (B, {num_classes}), got {tags.shape}")
+    if variant == "all_labels":
+        return jax.vmap(_foreground_rows)(all_labels_alpha(tags, alpha))
     if variant == "tags":
         return jax.vmap(_foreground_rows)(tags_alpha(tags, tags_fraction))
     if variant == "oracle":
@@ -149,8 +163,10 @@ def variant_constraints(
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
-def describe(variant: str, *, tags_fraction: float, oracle_fraction: float) -> str:
-    return DESCRIPTIONS[variant].format(tags_alpha=tags_fraction, oracle_fraction=oracle_fraction)
+def describe(variant: str, *, alpha: float, tags_fraction: float, oracle_fraction: float) -> str:
+    return DESCRIPTIONS[variant].format(
+        alpha=alpha, tags_alpha=tags_fraction, oracle_fraction=oracle_fraction
+    )
 
 
 def take(tree, index: int):
@@ -158,13 +174,22 @@ def take(tree, index: int):
     return jax.tree.map(lambda x: x[index], tree)
 
 
-@functools.partial(jax.jit, static_argnames=("epsilon",))
-def kl_stats(log_full, log_under, p, weight, *, epsilon: float) -> dict[str, jax.Array]:
-    """Per-image KLs (B,) of one batch between Q_full, Q_under and P, and the pixel counts.
+def per_class_sums(value_BxHxW: jax.Array, mask_BxHxW: jax.Array, weight_BxHxW, num_classes: int):
+    """(B, K): the sum of ``value * weight`` over the pixels whose true label is k."""
+    one_hot = jax.nn.one_hot(mask_BxHxW, num_classes, dtype=jnp.float32)  # void -> all zeros
+    return jnp.einsum("bhw,bhwk->bk", value_BxHxW * weight_BxHxW, one_hot)
+
+
+@functools.partial(jax.jit, static_argnames=("epsilon", "num_classes"))
+def kl_stats(
+    log_full, log_under, p, weight, mask, *, epsilon: float, num_classes: int
+) -> dict[str, jax.Array]:
+    """Per-image KLs (B,) of one batch between Q_full, Q_under and P, and the pixel counts;
+    per true class (B, K): the summed KL(Q_full || Q_under), KL(Q_full || P) and pixel counts.
 
     ``log_full``, ``log_under``: (B, H, W, K) log-probabilities; ``p`` (B, H, W, K) the latent;
-    ``weight`` (B, H, W) from :func:`labelled_pixels`; the second KL argument is smoothed by
-    ``epsilon`` (:func:`smoothed_log`).
+    ``weight`` (B, H, W) from :func:`labelled_pixels`; ``mask`` (B, H, W) the true labels; the
+    second KL argument is smoothed by ``epsilon`` (:func:`smoothed_log`).
     """
     q_full, q_under = jnp.exp(log_full), jnp.exp(log_under)
     log_p = jnp.log(p)
@@ -172,32 +197,45 @@ def kl_stats(log_full, log_under, p, weight, *, epsilon: float) -> dict[str, jax
     kl_fp, _ = kl_per_image(log_full, smoothed_log(p, epsilon), weight)
     kl_pf, _ = kl_per_image(log_p, smoothed_log(q_full, epsilon), weight)
     kl_uf, _ = kl_per_image(log_under, smoothed_log(q_full, epsilon), weight)
+    fu_map = kl_divergence(log_full, smoothed_log(q_under, epsilon))
+    fp_map = kl_divergence(log_full, smoothed_log(p, epsilon))
     return {
         "kl_full_under": kl_fu,
         "kl_full_latent": kl_fp,
         "kl_latent_full": kl_pf,
         "kl_under_full": kl_uf,
         "count": count,
+        "kl_full_under_class": per_class_sums(fu_map, mask, weight, num_classes),
+        "kl_full_latent_class": per_class_sums(fp_map, mask, weight, num_classes),
+        "count_class": per_class_sums(jnp.ones_like(weight), mask, weight, num_classes),
     }
 
 
 class Accumulator:
-    """Per-image values (kept images only) and a confusion matrix, summed over batches."""
+    """Per-image values (kept images only) and two confusion matrices summed over batches: of
+    the argmax map against the ground truth, and against the fully trained network's argmax."""
 
     def __init__(self, num_classes: int):
         self.k = num_classes
         self.values: dict[str, list[np.ndarray]] = {}
         self.confusion = np.zeros((num_classes, num_classes), np.int64)
+        self.agreement = np.zeros((num_classes, num_classes), np.int64)
 
     def add(self, keep: np.ndarray, **per_image):
         for name, v in per_image.items():
             self.values.setdefault(name, []).append(np.asarray(v)[keep])
 
-    def add_confusion(self, pred, mask, valid):
-        c = metrics.confusion_matrix(
-            jnp.asarray(pred), jnp.asarray(mask), self.k, jnp.asarray(valid)
-        )
+    def add_confusion(self, pred, mask, valid, full_pred=None):
+        """Adds argmax ``pred`` against ``mask``; and against ``full_pred`` (Q_full's argmax) on
+        the labelled pixels of ``mask`` when given."""
+        pred, mask, valid = jnp.asarray(pred), jnp.asarray(mask), jnp.asarray(valid)
+        c = metrics.confusion_matrix(pred, mask, self.k, valid)
         self.confusion += np.asarray(c, np.int64)
+        if full_pred is not None:
+            labelled = (mask >= 0) & (mask < self.k)
+            target = jnp.where(labelled, jnp.asarray(full_pred), 255)
+            c = metrics.confusion_matrix(pred, target, self.k, valid)
+            self.agreement += np.asarray(c, np.int64)
 
     def cat(self, name) -> np.ndarray:
         return np.concatenate(self.values[name])
@@ -207,74 +245,74 @@ class Accumulator:
         return mean_over_images(self.cat(name), self.cat("count"))
 
     def segmentation(self) -> dict:
-        return {
+        """Pixel accuracy, mIoU and per-class IoU against the ground truth; the same against
+        Q_full's argmax (``agreement_*``) when agreement was accumulated."""
+        out = {
             "pixel_accuracy": metrics.pixel_accuracy(self.confusion),
             "miou": metrics.mean_iou(self.confusion),
+            "per_class_iou": metrics.summarize(self.confusion)["per_class_iou"],
+        }
+        if self.agreement.any():
+            out["agreement_accuracy"] = metrics.pixel_accuracy(self.agreement)
+            out["agreement_miou"] = metrics.mean_iou(self.agreement)
+        return out
+
+    def per_class_kl(self) -> dict[str, list[float | None]]:
+        """Per true class, over all pixels of that class: mean KL(Q_full || Q_under), mean
+        KL(Q_full || P) and the reduction 1 - their ratio (None where a class has no pixel)."""
+        fu = self.cat("kl_full_under_class").sum(axis=0)
+        fp = self.cat("kl_full_latent_class").sum(axis=0)
+        n = self.cat("count_class").sum(axis=0)
+        present = (n > 0) & (fu > 0)
+        nan = np.full(self.k, np.nan)
+        return {
+            "kl_full_under": _none_for_nan(np.where(n > 0, fu / np.maximum(n, 1), nan)),
+            "kl_full_latent": _none_for_nan(np.where(n > 0, fp / np.maximum(n, 1), nan)),
+            "reduction": _none_for_nan(np.where(present, 1 - fp / np.where(present, fu, 1), nan)),
+            "pixels": [int(x) for x in n],
         }
 
 
-# ----------------------------------------------------------------------------- report
-
-TABLE_COLUMNS = (
-    "map",
-    "KL(Q_full‖·)",
-    "reduction",
-    "KL(·‖Q_full)",
-    "pixel_accuracy",
-    "miou",
-    "active",
-    "converged",
-    "max gap",
-    "ms/image",
-)
+def _none_for_nan(values) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in values]
 
 
-def table_rows(results: dict) -> list[dict]:
-    """One row per map of a results dict: Q_under, P of each variant, Q_full."""
-    rows = [
-        {
-            "map": f"Q_under (step {results['under_steps']})",
-            "KL(Q_full‖·)": results["kl_full_under"],
-            "reduction": 0.0,
-            "KL(·‖Q_full)": results["kl_under_full"],
-            **results["under"],
-        }
-    ]
-    for v, r in results["variants"].items():
-        rows.append(
-            {
-                "map": f"P `{v}`",
-                "KL(Q_full‖·)": r["kl_full_latent"],
-                "reduction": r["reduction"],
-                "KL(·‖Q_full)": r["kl_latent_full"],
-                "pixel_accuracy": r["pixel_accuracy"],
-                "miou": r["miou"],
-                "converged": r["solver"]["converged_fraction"],
-                "active": r["solver"]["active_fraction"],
-                "max gap": f"{r['solver']['max_gap']:.1e}",
-                "ms/image": r["solver"]["batched_ms_per_image"],
-            }
-        )
-    rows.append(
-        {
-            "map": f"Q_full (step {results['full_steps']})",
-            "KL(Q_full‖·)": 0.0,
-            "KL(·‖Q_full)": 0.0,
-            **results["full"],
-        }
+@functools.partial(jax.jit, static_argnames=("iterations",))
+def best_label_shift(log_full, log_under, weight, *, iterations: int = 30) -> jax.Array:
+    r"""Per image, the log-probabilities of the label shift of :math:`Q^u` closest to :math:`Q^f`.
+
+    .. math::
+
+        \hat\lambda = \arg\min_{\lambda \in \mathbb{R}^K} \sum_i w_i\,
+        \mathrm{KL}\big(Q^f_i \,\|\, \operatorname{softmax}(\log Q^u_i + \lambda)\big)
+
+    Every P of a constraint set whose rows weigh all pixels alike (``all_labels``, ``tags``,
+    ``oracle``) has this form with some :math:`\lambda`, so :math:`\mathrm{KL}(Q^f \| \hat P)`
+    bounds what any such P can reach: the ceiling of the reduction. The problem is convex
+    (the Hessian is :math:`\sum_i w_i (\operatorname{diag} \hat P_i - \hat P_i \hat P_i^T)`);
+    solved by damped Newton steps with the best of a few step sizes.
+    ``log_full``, ``log_under`` (B, H, W, K), ``weight`` (B, H, W); returns (B, H, W, K).
+    """
+    k = log_under.shape[-1]
+    q_f = jnp.exp(log_full).reshape(log_full.shape[0], -1, k)
+    lq_u = log_under.reshape(q_f.shape)
+    w = (
+        weight.reshape(q_f.shape[:2])[..., None]
+        / jnp.maximum(weight.sum((1, 2)), 1.0)[:, None, None]
     )
-    return rows
+    steps = jnp.asarray([1.0, 0.5, 0.25, 0.1, 0.0])
 
+    def objective(lam):  # (B, K) -> (B,)
+        log_p = jax.nn.log_softmax(lq_u + lam[:, None, :], -1)
+        return -(w * q_f * log_p).sum((1, 2))
 
-def markdown(results: dict) -> str:
-    """The results table, and the CVXPY comparison when the results have one."""
-    text = reporting.markdown_table(table_rows(results), TABLE_COLUMNS)
-    c = results.get("cvxpy")
-    if c:
-        text += (
-            f"\nCVXPY/Clarabel on {c['images']} image(s) of {c['image_size'][0]}x"
-            f"{c['image_size'][1]} (`{c['variant']}`): {c['cvxpy_seconds_per_image']:.2f} s/image"
-            f" vs {c['ours_single_ms_per_image']:.2f} ms/image for our single-image solve "
-            f"({c['speedup_single']:.0f}x); max |P_ours - P_cvxpy| = {c['max_abs_diff_p']:.1e}.\n"
-        )
-    return text
+    def newton(_, lam):
+        p = jax.nn.softmax(lq_u + lam[:, None, :], -1)
+        grad = (w * (p - q_f)).sum(1)
+        hess = jnp.einsum("bnk,bnl->bkl", -w * p, p) + jax.vmap(jnp.diag)((w * p).sum(1))
+        delta = jnp.linalg.solve(hess + 1e-6 * jnp.eye(k), grad[..., None])[..., 0]
+        trials = jax.vmap(lambda t: objective(lam - t * delta))(steps)  # (steps, B)
+        return lam - steps[jnp.argmin(trials, 0)][:, None] * delta
+
+    lam = jax.lax.fori_loop(0, iterations, newton, jnp.zeros((q_f.shape[0], k), q_f.dtype))
+    return jax.nn.log_softmax(log_under + lam[:, None, None, :], -1)

@@ -95,3 +95,83 @@ def scipy_dual(log_q, cons, hardness: float = 1.0, tol: float = 1e-10, max_lambd
         options={"ftol": tol, "gtol": tol, "maxiter": 10000},
     )
     return res.x, latent(res.x)[0]
+
+
+def cvxpy_cached(cache_dir, log_q, cons, hardness: float = 1.0):
+    """:func:`cvxpy_primal`'s P, cached in ``cache_dir`` by a hash of its inputs (None: no
+    cache). Returns ``(P (N, K), seconds of the solve that made it, whether it was cached)``."""
+    import hashlib
+    import os
+    import time
+
+    h = hashlib.sha256()
+    for x in (log_q, cons.a, cons.b, cons.beta, cons.mask, np.float64(hardness)):
+        x = np.ascontiguousarray(np.asarray(x))
+        h.update(str((x.dtype, x.shape)).encode())
+        h.update(x.tobytes())
+    path = None if cache_dir is None else os.path.join(cache_dir, f"{h.hexdigest()[:24]}.npz")
+    if path is not None and os.path.exists(path):
+        with np.load(path) as f:
+            return f["p"], float(f["seconds"]), True
+    t0 = time.perf_counter()
+    p, _ = cvxpy_primal(log_q, cons, hardness)
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = os.path.join(cache_dir, f".{os.path.basename(path)}.tmp.npz")
+        np.savez(tmp, p=p, seconds=seconds)
+        os.replace(tmp, path)
+    return p, seconds, False
+
+
+def compare_with_cvxpy(
+    log_q_BxHxWxK,
+    cons_B,
+    valid_B,
+    *,
+    images: int,
+    max_side: int,
+    solver_kwargs: dict,
+    cache_dir=None,
+) -> dict:
+    """``ccnn_jax.solve`` against :func:`cvxpy_primal` on the first ``images`` valid images of a
+    batch (their top-left ``max_side`` crops): time per image and the largest |P difference|.
+
+    ``cons_B`` are the batch's constraints (leading axis B); ours is timed as the median of three
+    solves after a compiling one; CVXPY's P and time are cached in ``cache_dir``.
+    """
+    import time
+
+    import jax
+
+    from ccnn_jax import solve
+
+    index = [i for i in range(len(valid_B)) if valid_B[i] > 0][:images]
+    if len(index) < images:
+        raise ValueError(f"images = {images} exceeds the {len(index)} valid images of the batch")
+    ours_s, cvx_s, diffs, cached = [], [], [], []
+    for i in index:
+        log_q = jax.numpy.asarray(log_q_BxHxWxK[i, :max_side, :max_side])
+        cons = jax.tree.map(lambda x, i=i: x[i], cons_B)
+        jax.block_until_ready(solve(log_q, cons, **solver_kwargs))  # compile
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            sol = jax.block_until_ready(solve(log_q, cons, **solver_kwargs))
+            times.append(time.perf_counter() - t0)
+        p_cvx, seconds, was_cached = cvxpy_cached(cache_dir, np.asarray(log_q), cons)
+        k = log_q.shape[-1]
+        diffs.append(float(np.abs(np.asarray(sol.p, np.float64).reshape(-1, k) - p_cvx).max()))
+        ours_s.append(float(np.median(times)))
+        cvx_s.append(seconds)
+        cached.append(was_cached)
+    h, w = log_q_BxHxWxK.shape[1:3]
+    return {
+        "images": len(index),
+        "image_size": [min(h, max_side), min(w, max_side)],
+        "cvxpy_seconds_per_image": float(np.mean(cvx_s)),
+        "ours_single_ms_per_image": 1e3 * float(np.mean(ours_s)),
+        "speedup_single": float(np.mean(cvx_s) / np.mean(ours_s)),
+        "max_abs_diff_p": float(max(diffs)),
+        "cvxpy_cached": all(cached),
+    }

@@ -23,8 +23,9 @@ from ccnn_jax.data.common import VOID
 class MetricWriter:
     """Appends ``{"step": s, **scalars}`` lines to ``<workdir>/metrics.jsonl`` + TensorBoard.
 
-    ``resume_step``: lines of an interrupted run with step > resume_step are dropped and
-    TensorBoard events after it purged, so the logs match the restored state.
+    ``resume_step``: lines of an interrupted run with step > resume_step (and a torn last line
+    of a run killed while writing) are dropped and TensorBoard events after it purged, so the
+    logs match the restored state.
     """
 
     def __init__(self, workdir: epath.PathLike, *, resume_step: int = 0, enabled: bool = True):
@@ -33,8 +34,9 @@ class MetricWriter:
         self._tb = None
         if not enabled:
             return
-        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        rows = read_metrics(self.path, drop_torn_last_line=True)
+        rows = [r for r in rows if r.get("step", 0) <= resume_step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(
@@ -58,18 +60,27 @@ class MetricWriter:
             self._tb.close()
 
 
-def read_metrics(path: epath.PathLike) -> list[dict]:
-    """The rows of a metrics.jsonl file ([] when it does not exist)."""
+def read_metrics(path: epath.PathLike, *, drop_torn_last_line: bool = False) -> list[dict]:
+    """The rows of a metrics.jsonl file ([] when it does not exist).
+
+    A line that is not JSON raises ``ValueError`` naming the file and line, except, with
+    ``drop_torn_last_line``, the last line: a write cut off by a crash, dropped with a warning.
+    """
     path = epath.Path(path)
     if not path.exists():
         return []
+    lines = path.read_text().splitlines()
     rows = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if drop_torn_last_line and i == len(lines) - 1:
+                print(f"WARNING: dropped the torn last line {i + 1} of {path}: {line!r}")
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
     return rows
 
 
@@ -78,7 +89,8 @@ def _to_float(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _atomic_write_text(path: epath.Path, text: str) -> None:
+def write_text_atomic(path: epath.Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename (never a partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_text(text)
@@ -99,7 +111,7 @@ def write_json(path: epath.PathLike, obj: Any) -> None:
             return clean(x.item())
         return x
 
-    _atomic_write_text(epath.Path(path), json.dumps(clean(obj), indent=2) + "\n")
+    write_text_atomic(epath.Path(path), json.dumps(clean(obj), indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- markdown

@@ -4,6 +4,13 @@
 (resuming from the workdir's checkpoints), evaluates on the validation split and writes the
 run's results and figures. The numerics are the pure steps of :mod:`ccnn_jax.train`; this module
 is the only one that reads and writes a run's files.
+
+What a run guarantees about its workdir (see :func:`train`): the config is validated before
+anything is touched; one process at a time holds the workdir; a rerun must use the config the
+workdir was made with (``config.json``; :data:`ccnn_jax.configs.RERUN_MAY_DIFFER` may change);
+a non-finite step is never applied or written, and stops the run; SIGTERM / SIGINT finish the
+current step, save it and stop (:mod:`ccnn_jax.stops`). Either stop leaves the earlier
+checkpoints and ``results.json`` as they were.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from etils import epath
 from flax import nnx
 
 from ccnn_jax import checkpoint as checkpoint_lib
-from ccnn_jax import configs, losses, metrics, pretrain, reporting
+from ccnn_jax import configs, distributed, losses, metrics, pretrain, reporting, stops, train_log
 from ccnn_jax import train as train_lib
 from ccnn_jax.data import pipeline
 
@@ -49,18 +56,6 @@ class TrainOutput:
 
     def model(self) -> nnx.Module:
         return train_lib.merge_model(self.graphdef, jax.device_get(self.state))
-
-
-def _check_config(config: ml_collections.ConfigDict) -> None:
-    if config.method not in configs.METHODS:
-        raise ValueError(f"config.method must be one of {configs.METHODS}, got {config.method!r}")
-    for name in ("num_steps", "batch_size", "eval_batch_size"):
-        if int(config[name]) < 1:
-            raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
-    n = jax.device_count()
-    for name in ("batch_size", "eval_batch_size"):
-        if config[name] % n:
-            raise ValueError(f"config.{name} = {config[name]} must be divisible by the {n} devices")
 
 
 def absolute(workdir: epath.PathLike) -> epath.Path:
@@ -96,9 +91,11 @@ def restore_or_init(
     progress: bool = True,
 ) -> tuple[train_lib.TrainState, int | None, float]:
     """The newest readable checkpoint in ``ckpt`` (state, and ``data_iter``'s position) or a
-    fresh state, replicated on the mesh. A fresh state is warm-started from ``config.init_from``
-    when set, else from the (cached) pretrained network when ``config.pretrain.steps > 0``
-    (:func:`ccnn_jax.pretrain.ensure_pretrained`, run only when there is no checkpoint).
+    fresh state, replicated on the mesh. A fresh state loads the ImageNet weights of
+    ``config.model.pretrained`` (:func:`ccnn_jax.train.load_pretrained`), then is warm-started
+    from ``config.init_from`` when set, else from the (cached) pretrained network when
+    ``config.pretrain.steps > 0`` (:func:`ccnn_jax.pretrain.ensure_pretrained`); none of these
+    runs when there is a checkpoint to resume from.
     ``abstract`` is the state's shape (``create_train_state(..., abstract=True)``).
 
     Returns ``(state, resumed_from, seconds)``: the restored step (None for a fresh state) and
@@ -113,7 +110,10 @@ def restore_or_init(
         resumed_from = int(ckpt_meta["step"])
         print(f"Resuming from checkpoint step {resumed_from} in {ckpt.directory}", flush=True)
         return steps.put_state(state), resumed_from, float(ckpt_meta["seconds"])
-    _, state, _ = train_lib.create_train_state(config, num_classes)
+    graphdef, state, _ = train_lib.create_train_state(
+        config, num_classes, sharding=steps.replicated
+    )
+    state = train_lib.load_pretrained(config, graphdef, state)
     init_from = config.init_from
     if not init_from and config.pretrain.steps > 0:
         init_from = pretrain.ensure_pretrained(config, progress=progress)
@@ -129,78 +129,29 @@ def warm_start(
     run in ``init_from`` (a workdir); step and optimizer state stay fresh.
 
     The fine-tuning analogue of the original CCNN starting from a pretrained network. The source
-    run must use the same model config (same variable shapes) and optimizer structure.
+    run must use the same model config (same variable shapes) and optimizer structure; it is
+    opened read-only (nothing there is created, moved or cleaned up), and a missing or
+    mismatched source raises :class:`ccnn_jax.configs.ConfigError` naming ``config.init_from``.
     """
     source = absolute(init_from)
-    ckpt = checkpoint_lib.Checkpointer(source / "checkpoints")
+    ckpt = checkpoint_lib.Checkpointer(source / "checkpoints", read_only=True)
     try:
-        restored = ckpt.restore_latest(abstract, None, read_only=True)
+        restored = ckpt.restore_latest(abstract, None)
     except checkpoint_lib.CheckpointError as e:
-        raise ValueError(
+        raise configs.ConfigError(
             f"config.init_from: the checkpoint in {source} does not match this run's model "
             f"(same model and optimizer config expected): {e}"
-        ) from e
+        ) from None
     finally:
         ckpt.close()
     if restored is None:
-        raise FileNotFoundError(
+        raise configs.ConfigError(
             f"config.init_from: no checkpoint under {source / 'checkpoints'} (expected the "
             "workdir of a finished or interrupted training run)"
         )
     source_state, source_meta = restored
     print(f"Warm start from {source} (step {source_meta['step']})", flush=True)
     return state.replace(params=source_state.params, batch_stats=source_state.batch_stats)
-
-
-class _TrainLog:
-    """Window means of the step metrics every ``config.log_every`` steps (metrics.jsonl and
-    TensorBoard, main process only) and a progress bar."""
-
-    def __init__(self, workdir, config, *, start_step: int, progress: bool):
-        is_main = jax.process_index() == 0
-        self.writer = reporting.MetricWriter(workdir, resume_step=start_step, enabled=is_main)
-        self.every = max(int(config.log_every), 1)
-        self.pending: list[dict] = []
-        self.bar = None
-        if progress and is_main and start_step < int(config.num_steps):
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=int(config.num_steps),
-                initial=start_step,
-                desc=f"train {config.method}",
-                dynamic_ncols=True,
-                mininterval=1.0,
-            )
-        self.t_window = time.time()
-
-    def add(self, step: int, step_metrics: dict, *, last: bool) -> None:
-        self.pending.append(step_metrics)
-        if self.bar is not None:
-            self.bar.update(1)
-        if step % self.every == 0 or last:
-            row = _summarize_train(jax.device_get(self.pending), time.time() - self.t_window)
-            self.pending, self.t_window = [], time.time()
-            self.writer.write(step, row, prefix="train/")
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{row['loss']:.4f}", miou=f"{row['miou']:.3f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        self.writer.close()
-
-
-def _summarize_train(rows: list[dict], seconds: float) -> dict[str, float]:
-    """Window means of scalar metrics; mIoU / accuracy from the summed confusion matrices."""
-    confusion = np.sum([r["confusion"] for r in rows], axis=0)
-    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "confusion"}
-    if "solver_violation" in out:
-        out["solver_violation"] = float(np.max([r["solver_violation"] for r in rows]))
-    out["miou"] = metrics.mean_iou(confusion)
-    out["pixel_accuracy"] = metrics.pixel_accuracy(confusion)
-    out["steps_per_second"] = len(rows) / max(seconds, 1e-9)
-    return out
 
 
 def train(
@@ -217,11 +168,52 @@ def train(
     the same parameters as an uninterrupted one; a finished run returns at once.
     ``max_steps_this_run`` stops (after checkpointing) once that many steps ran in this call, as
     a preemption would.
+
+    Raises (each message names what to fix): :class:`ccnn_jax.configs.ConfigError` for an
+    invalid field (before the workdir is touched); :class:`ccnn_jax.checkpoint.WorkdirError`
+    when another process holds the workdir, the workdir was made with another config (see
+    :func:`ccnn_jax.checkpoint.check_config_record`) or its checkpoints do not fit;
+    ``stops.NonFiniteError`` when a step is non-finite (it is not applied and nothing after
+    the previous checkpoint is written); ``stops.Interrupted`` after SIGTERM / SIGINT (the
+    current step is checkpointed first).
     """
-    _check_config(config)
-    workdir = absolute(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    pipeline.prepare(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+    workdir = _validated_workdir(config, workdir)
+    with checkpoint_lib.workdir_lock(workdir):
+        ckpt = checkpoint_lib.Checkpointer(
+            workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep
+        )
+        try:
+            checkpoint_lib.check_config_record(
+                workdir,
+                config.to_dict(),
+                may_differ=configs.RERUN_MAY_DIFFER,
+                has_checkpoints=bool(ckpt.all_steps()),
+            )
+            return _train_in(config, workdir, ckpt, max_steps_this_run, progress)
+        finally:
+            ckpt.close()
+
+
+def _validated_workdir(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> epath.Path:
+    """``workdir`` made absolute, after :func:`ccnn_jax.configs.validate` passed on ``config``."""
+    configs.validate(config, num_devices=jax.device_count())
+    return absolute(workdir)
+
+
+def _train_in(
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    ckpt: checkpoint_lib.Checkpointer,
+    max_steps_this_run: int | None,
+    progress: bool,
+) -> TrainOutput:
+    """:func:`train` once the workdir is locked and its config record checked."""
+    distributed.main_process_first(
+        lambda: pipeline.prepare(
+            config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir
+        ),
+        f"prepare {config.dataset} in {config.data_dir}",
+    )
     meta = pipeline.dataset_meta(config.dataset, data_dir=config.data_dir)
     spec = losses.loss_spec(config, meta)
     graphdef, abstract, tx = train_lib.create_train_state(config, meta.num_classes, abstract=True)
@@ -235,34 +227,28 @@ def train(
         scale_range=tuple(config.scale_range),
     )
     data_iter = iter(loader)
-    ckpt = checkpoint_lib.Checkpointer(
-        workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep
+    state, resumed_from, seconds = restore_or_init(
+        config, ckpt, data_iter, steps, abstract, meta.num_classes, progress=progress
     )
+    start_step = int(jax.device_get(state.step))
+    last_step = int(config.num_steps)
+    if max_steps_this_run is not None:
+        last_step = min(last_step, start_step + int(max_steps_this_run))
+    log = train_log.TrainLog(workdir, config, start_step=start_step, progress=progress)
     try:
-        state, resumed_from, seconds = restore_or_init(
-            config, ckpt, data_iter, steps, abstract, meta.num_classes, progress=progress
+        state, seconds = _train_steps(
+            state,
+            steps,
+            data_iter,
+            ckpt,
+            log,
+            start_step=start_step,
+            last_step=last_step,
+            checkpoint_every=int(config.checkpoint_every),
+            seconds=seconds,
         )
-        start_step = int(jax.device_get(state.step))
-        last_step = int(config.num_steps)
-        if max_steps_this_run is not None:
-            last_step = min(last_step, start_step + int(max_steps_this_run))
-        log = _TrainLog(workdir, config, start_step=start_step, progress=progress)
-        try:
-            state, seconds = _train_steps(
-                state,
-                steps,
-                data_iter,
-                ckpt,
-                log,
-                start_step=start_step,
-                last_step=last_step,
-                checkpoint_every=int(config.checkpoint_every),
-                seconds=seconds,
-            )
-        finally:
-            log.close()
     finally:
-        ckpt.close()
+        log.close()
     return TrainOutput(graphdef, state, steps, spec, meta, seconds, resumed_from)
 
 
@@ -271,7 +257,7 @@ def _train_steps(
     steps: train_lib.Steps,
     data_iter: Any,
     ckpt: checkpoint_lib.Checkpointer,
-    log: _TrainLog,
+    log: train_log.TrainLog,
     *,
     start_step: int,
     last_step: int,
@@ -280,15 +266,32 @@ def _train_steps(
 ) -> tuple[train_lib.TrainState, float]:
     """Steps ``start_step + 1 .. last_step``: train, log, checkpoint every ``checkpoint_every``
     steps (0: never) and at ``last_step``. Returns the state and the training seconds
-    (``seconds`` before this call plus this call's, as recorded in the last checkpoint)."""
+    (``seconds`` before this call plus this call's, as recorded in the last checkpoint).
+
+    The steps' ``nonfinite`` flags are read only where the loop synchronises anyway (a log
+    window or a checkpoint); a non-finite step raises ``stops.NonFiniteError`` before
+    anything of its window is written. A signal stops the loop after the current step, checkpointed.
+    """
     seconds_before, t_start = seconds, time.time()
-    for step in range(start_step + 1, last_step + 1):
-        state, step_metrics = steps.train(state, steps.put_batch(next(data_iter)))
-        last = step == last_step
-        log.add(step, step_metrics, last=last)
-        if (checkpoint_every > 0 and step % checkpoint_every == 0) or last:
-            seconds = seconds_before + time.time() - t_start
-            ckpt.save(step, state, data_iter, {"step": step, "seconds": seconds}, force=last)
+    with stops.StopOnSignal() as stop:
+        for step in range(start_step + 1, last_step + 1):
+            batch = steps.put_batch(next(data_iter))
+            if step == start_step + 1:
+                distributed.compile_together(steps.train, state, batch, name="train step")
+            state, step_metrics = steps.train(state, batch)
+            log.add(step, step_metrics)
+            stopping = stop.signum is not None  # read once: a signal may arrive at any line
+            end = step == last_step or stopping
+            save = end or (checkpoint_every > 0 and step % checkpoint_every == 0)
+            if save or step % log.every == 0:
+                train_log.raise_if_nonfinite(log, ckpt)
+            if end or step % log.every == 0:
+                log.flush()
+            if save:
+                seconds = seconds_before + time.time() - t_start
+                ckpt.save(step, state, data_iter, {"step": step, "seconds": seconds}, force=end)
+            if stopping:
+                raise stops.interrupted(stop.signum, step, ckpt)
     return state, seconds
 
 
@@ -301,8 +304,11 @@ def evaluate(
     """Confusion matrix accumulated over ``split`` and its summary (mIoU, accuracy, per class)."""
     loader = _loader(config, split, batch_size=config.eval_batch_size, train=False, num_epochs=1)
     confusion = None
-    for batch_np in loader:
-        c = out.steps.eval(out.state, out.steps.put_batch(batch_np))
+    for batch_np in distributed.lockstep(loader, pipeline.padding_like):
+        batch = out.steps.put_batch(batch_np)
+        if confusion is None:
+            distributed.compile_together(out.steps.eval, out.state, batch, name="eval step")
+        c = out.steps.eval(out.state, batch)
         confusion = c if confusion is None else confusion + c
     if confusion is None:
         raise ValueError(f"split {split!r} of {config.dataset!r} is empty")
@@ -321,7 +327,9 @@ def _grid_batch(out: TrainOutput, config: ml_collections.ConfigDict, num: int) -
         shard_by_process=False,
     )
     batch_np = next(iter(loader))
-    pred = jax.device_get(out.steps.predict(out.state, out.steps.put_batch(batch_np)))
+    batch = out.steps.put_batch(batch_np)
+    distributed.compile_together(out.steps.predict, out.state, batch, name="predict step")
+    pred = jax.device_get(out.steps.predict(out.state, batch))
     n = min(num, int(np.sum(batch_np["valid"])))
     return {
         "image": batch_np["image"][:n],
@@ -359,9 +367,22 @@ def train_and_evaluate(
     Writes to ``workdir``: ``results.json`` (method, dataset, miou, pixel_accuracy,
     per_class_iou, class_names, steps, seconds, ...), ``results.md``, ``predictions.png``
     (image | ground truth | prediction | latent P argmax), ``curves.png``, ``metrics.jsonl``,
-    ``tensorboard/`` and ``checkpoints/``. Returns the results dict.
+    ``tensorboard/``, ``checkpoints/`` and ``config.json`` (the config the workdir was made
+    with). Returns the results dict. Holds the workdir's lock until the outputs are written;
+    raises as :func:`train` does, before any output is written.
     """
-    workdir = absolute(workdir)
+    workdir = _validated_workdir(config, workdir)
+    with checkpoint_lib.workdir_lock(workdir):
+        return _train_and_evaluate_in(config, workdir, max_steps_this_run, progress)
+
+
+def _train_and_evaluate_in(
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    max_steps_this_run: int | None,
+    progress: bool,
+) -> dict:
+    """:func:`train_and_evaluate` once the workdir is locked."""
     out = train(config, workdir, max_steps_this_run=max_steps_this_run, progress=progress)
     step = int(jax.device_get(out.state.step))
     t0 = time.time()

@@ -34,7 +34,8 @@ class SolveInfo(NamedTuple):
 
     iterations: evaluations of the dual used. max_violation: worst hard-row violation of P.
     gap: duality gap primal(P) - g(lambda). converged: KKT residual and relative gap <= tol.
-    feasible: False when the hard rows were proven infeasible.
+    feasible: False when the hard rows were proven infeasible, or when an input was invalid
+    (see :func:`_inputs_valid`; eager calls raise on such inputs instead).
     """
 
     iterations: Array
@@ -267,7 +268,8 @@ def _solve(log_q, cons, tol, hardness, max_lambda, *, method, max_iter, factoris
     upper = _upper(prob, max_lambda)
     hard = jnp.isinf(prob.beta_C)
     at_cap = hard & (st.lam >= 0.5 * max_lambda) & (prob.b_C - value > tol)
-    feasible = ~(jnp.any(at_cap) | _infeasible(st.lam, prob, tol))
+    valid = _inputs_valid(log_q, cons, tol, hardness, max_lambda)
+    feasible = ~(jnp.any(at_cap) | _infeasible(st.lam, prob, tol)) & valid
     converged = _converged(st.lam, st.ev, prob, upper, tol) & feasible
     info = SolveInfo(
         iterations=st.it,
@@ -279,6 +281,33 @@ def _solve(log_q, cons, tol, hardness, max_lambda, *, method, max_iter, factoris
         dual=st.ev.g,
     )
     return Solution(lam=st.lam, p=p.reshape(log_q.shape), info=info)
+
+
+def _inputs_valid(log_q, cons: LinearConstraints, tol, hardness, max_lambda) -> Array:
+    """False when an input is outside its domain, e.g. traced under ``jit``, where nothing can
+    raise: NaN or +inf in ``log_q``, non-finite ``a``, ``b`` or weights, ``beta`` < 0 or NaN,
+    no allowed label, ``tol`` < 0 or NaN, hardness or ``max_lambda`` not finite and > 0. Such a
+    solve reports ``feasible = converged = False``, so a NaN never passes for a success."""
+
+    def finite(x):
+        return jnp.all(jnp.isfinite(x))
+
+    def positive(x):
+        return jnp.isfinite(x) & (x > 0)
+
+    checks = [
+        ~jnp.any(jnp.isnan(log_q) | (log_q == jnp.inf)),
+        finite(cons.a),
+        finite(cons.b),
+        jnp.all(cons.beta >= 0),  # False for NaN; inf = hard
+        jnp.any(cons.mask),
+        positive(hardness),
+        tol >= 0,
+        positive(max_lambda),
+    ]
+    if cons.weights is not None:
+        checks.append(finite(cons.weights))
+    return jnp.all(jnp.stack(checks))
 
 
 @functools.partial(jax.jit, static_argnames=("method", "max_iter"))
@@ -319,11 +348,44 @@ def _check(log_q, cons: LinearConstraints, method, batched: bool) -> None:
                 f"cons.weights must have shape {want} (C, *pixels), got {cons.weights.shape}"
             )
     if _is_concrete(log_q):
-        if bool(jnp.any(jnp.isnan(log_q) | (log_q == jnp.inf))):  # reduced on device
+        with jax.ensure_compile_time_eval():  # a constant inside a jit trace: still eager
+            bad = bool(jnp.any(jnp.isnan(log_q) | (log_q == jnp.inf)))  # reduced on device
+        if bad:
             raise ValueError(
                 "log_q contains NaN or +inf; expected finite logits or "
                 "log-probabilities (-inf allowed for q = 0)"
             )
+
+
+def _check_arguments(log_q, cons: LinearConstraints, tol, max_iter, hardness, max_lambda):
+    """Eager checks of the arguments beside the constraints' own (one line naming the argument
+    and its range); a traced value is left to :func:`_inputs_valid`."""
+    if not isinstance(log_q, np.ndarray | jax.Array):
+        raise ValueError(
+            f"solve: log_q must be a numpy or jax array of shape (*pixels, K), got "
+            f"{type(log_q).__name__}"
+        )
+    if cons.a.shape[-2] == 0:
+        raise ValueError(
+            "solve: cons has C = 0 rows; at least one is needed (an inert row is a = 0, b = 0)"
+        )
+    if max_iter is not None and not (
+        isinstance(max_iter, int | np.integer) and not isinstance(max_iter, bool) and max_iter >= 1
+    ):
+        raise ValueError(f"solve: max_iter must be an integer >= 1 or None, got {max_iter!r}")
+    for name, value, allowed in (
+        ("tol", tol, ">= 0"),
+        ("hardness", hardness, "finite and > 0"),
+        ("max_lambda", max_lambda, "finite and > 0"),
+    ):
+        if isinstance(value, jax.core.Tracer):
+            continue
+        v = np.asarray(value)
+        if v.shape != () or not np.issubdtype(v.dtype, np.number):
+            raise ValueError(f"solve: {name} must be a real scalar, got {value!r}")
+        ok = v >= 0 if name == "tol" else np.isfinite(v) and v > 0
+        if not ok:
+            raise ValueError(f"solve: {name} must be {allowed}, got {value!r}")
 
 
 def solve(
@@ -358,6 +420,7 @@ def solve(
       batch prefer :func:`solve_batch`: under ``vmap`` the factorised latent's branch runs on
       both sides.
     """
+    _check_arguments(log_q, cons, tol, max_iter, hardness, max_lambda)
     _check(log_q, cons, method, batched=False)
     max_iter = max_iter or _DEFAULT_MAX_ITER[method]
     return _solve_jit(log_q, cons, tol, hardness, max_lambda, method=method, max_iter=max_iter)
@@ -383,6 +446,7 @@ def solve_batch(
     already kept busy by one image's N x K arrays. ``None`` (default): sequential on the CPU
     backend, vmapped elsewhere. The results agree to float32 rounding.
     """
+    _check_arguments(log_q, cons, tol, max_iter, hardness, max_lambda)
     _check(log_q, cons, method, batched=True)
     max_iter = max_iter or _DEFAULT_MAX_ITER[method]
     if sequential is None:

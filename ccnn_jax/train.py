@@ -3,8 +3,10 @@ r"""Pure training pieces: train state, optimizer, jitted train / eval / predict 
 The train state is a pytree; :func:`train_step`, :func:`eval_step` and :func:`predict_step` are
 pure functions of (state, batch), jitted by :func:`make_steps` with explicit shardings over a
 ``("data",)`` mesh of all devices: the batch is split along its leading axis, parameters are
-replicated. The loss of each method is :func:`ccnn_jax.losses.compute_loss`; the run loop that
-restores, trains, checkpoints and evaluates is :mod:`ccnn_jax.run`.
+replicated. A train step with a non-finite loss, gradient or update is not applied (its
+``nonfinite`` metric says which; the run loop stops on it). The loss of each method is
+:func:`ccnn_jax.losses.compute_loss`; the run loop that restores, trains, checkpoints and
+evaluates is :mod:`ccnn_jax.run`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ccnn_jax import losses, metrics
+from ccnn_jax import distributed, losses, metrics, models
 from ccnn_jax.losses import LossSpec, compute_loss
-from ccnn_jax.models import UNet, upsample_logits
+from ccnn_jax.models import MODELS, load_safetensors, upsample_logits
 
 # ----------------------------------------------------------------------------- state
 
@@ -42,46 +44,113 @@ class TrainState:
     opt_state: Any
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int, key: jax.Array | int) -> UNet:
-    """The configured UNet; ``key`` seeds the parameter initialisation."""
+#: Activation dtypes of ``config.dtype``.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+#: The ``config.model`` fields each model class takes, as {argument: field}. The UNet's are its
+#: own; the backbones' width is ``backbone_width`` so that a UNet setting (``width=16``) never
+#: silently shrinks an ImageNet network.
+MODEL_FIELDS = {
+    models.UNet: {f: f for f in ("width", "depth", "norm", "output_stride", "classifier")},
+    models.VGG16FCN: {
+        "width": "backbone_width",
+        "fc_features": "fc_features",
+        "dropout_rate": "dropout_rate",
+    },
+    models.ResNet50: {"width": "backbone_width"},
+}
+
+
+def _model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments of ``config.model.name``'s class from ``config.model`` (None fields
+    keep the class default) plus the activation dtype of ``config.dtype``."""
     m = config.model
-    return UNet(
-        num_classes,
-        width=m.width,
-        depth=m.depth,
-        norm=m.norm,
-        output_stride=m.output_stride,
-        classifier=m.classifier,
-        rngs=nnx.Rngs(params=key),
+    if m.name not in MODELS:
+        raise ValueError(f"config.model.name must be one of {sorted(MODELS)}, got {m.name!r}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    fields = MODEL_FIELDS[MODELS[m.name][0]]
+    kwargs = {arg: m[field] for arg, field in fields.items() if m[field] is not None}
+    return {**kwargs, "dtype": DTYPES[config.dtype]}
+
+
+def check_model_config(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the field when the model settings cannot work together: an unknown
+    name or dtype, pretrained weights for the UNet, pretraining (``model.classify``) for a
+    backbone."""
+    _model_kwargs(config)
+    m = config.model
+    if m.name == "unet" and m.pretrained:
+        raise ValueError(
+            "config.model.pretrained: ImageNet weights exist for the backbones only "
+            f"({', '.join(n for n in sorted(MODELS) if n != 'unet')}), not for the UNet"
+        )
+    if m.name != "unet" and (config.method == "pretrain" or config.pretrain.steps > 0):
+        raise ValueError(
+            f"config.pretrain.steps / method 'pretrain' need the UNet's image classifier; "
+            f"{m.name!r} starts from ImageNet weights (config.model.pretrained) instead: set "
+            "--config.pretrain.steps=0 --config.pretrain.easy_steps=0"
+        )
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int, key: jax.Array | int):
+    """The configured model (``config.model.name``, see :data:`MODEL_FIELDS`) computing in
+    ``config.dtype``; ``key`` seeds the parameter initialisation (and dropout)."""
+    return models.create_model(
+        config.model.name, num_classes, rngs=nnx.Rngs(params=key), **_model_kwargs(config)
     )
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay over ``config.num_steps`` to
-    ``final_lr_fraction * learning_rate``; gradients clipped to ``grad_clip_norm`` (0: off)."""
-    warmup = min(config.warmup_steps, max(config.num_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(config.num_steps, warmup + 1),
-        end_value=config.learning_rate * config.final_lr_fraction,
-    )
-    tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+    """``config.optimizer``: "adamw" with linear warmup and cosine decay over
+    ``config.num_steps`` to ``final_lr_fraction * learning_rate``, or "sgd" as Caffe trained
+    the original CCNN (momentum, weight decay added to the gradient, the learning rate times
+    ``lr_decay_factor`` every ``lr_decay_steps``). Gradients clipped to ``grad_clip_norm``
+    (0: off)."""
+    if config.optimizer == "adamw":
+        warmup = min(config.warmup_steps, max(config.num_steps - 1, 0))
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=config.learning_rate,
+            warmup_steps=warmup,
+            decay_steps=max(config.num_steps, warmup + 1),
+            end_value=config.learning_rate * config.final_lr_fraction,
+        )
+        tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+    elif config.optimizer == "sgd":
+        schedule = optax.exponential_decay(
+            config.learning_rate,
+            transition_steps=max(int(config.lr_decay_steps), 1),
+            decay_rate=config.lr_decay_factor,
+            staircase=True,
+        )
+        tx = optax.chain(
+            optax.add_decayed_weights(config.weight_decay),
+            optax.sgd(schedule, momentum=config.momentum or None),
+        )
+    else:
+        raise ValueError(f"config.optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
     if config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     return tx
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict, num_classes: int, *, abstract: bool = False
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    *,
+    abstract: bool = False,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
     """(graphdef, state, tx) for a freshly initialised model (deterministic from config.seed).
 
     Initialisation runs as one jitted program with "rbg" keys: eager threefry initialisation
     compiles every initializer separately and takes minutes on a small CPU. ``abstract=True``
     returns the state's shapes only (``jax.ShapeDtypeStruct`` leaves), e.g. to restore into.
+    ``sharding`` places the state (e.g. :attr:`Steps.replicated`, over the devices of every
+    process); default: jit's placement. ImageNet weights are loaded separately
+    (:func:`load_pretrained`), outside the jitted initialisation.
     """
+    check_model_config(config)
     tx = make_optimizer(config)
 
     def init():
@@ -98,7 +167,33 @@ def create_train_state(
 
     abstract_model = nnx.eval_shape(lambda: create_model(config, num_classes, 0))
     graphdef = nnx.graphdef(abstract_model)
-    return graphdef, (jax.eval_shape(init) if abstract else jax.jit(init)()), tx
+    if abstract:
+        return graphdef, jax.eval_shape(init), tx
+    return graphdef, jax.jit(init, out_shardings=sharding)(), tx
+
+
+def load_pretrained(
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    state: TrainState,
+) -> TrainState:
+    """``state`` with the ImageNet weights of ``config.model.pretrained`` (a ``.safetensors``
+    file in the ``config.model.pretrained_layout`` key layout; ``keep_classifier`` as in
+    :func:`ccnn_jax.models.load_safetensors`). The optimizer state stays as initialised (adamw's
+    and sgd's do not depend on the parameter values).
+
+    The file is read on the host (every process reads its own copy): the state is merged into
+    a model, loaded in place (each variable keeps its dtype and sharding) and split again.
+    Returns ``state`` unchanged when ``config.model.pretrained`` is not set.
+    """
+    m = config.model
+    if not m.pretrained:
+        return state
+    model = merge_model(graphdef, state)
+    keep = None if m.keep_classifier is None else list(m.keep_classifier)
+    load_safetensors(model, m.pretrained, layout=m.pretrained_layout, keep_classifier=keep)
+    _, params, batch_stats = nnx.split(model, nnx.Param, ...)
+    return state.replace(params=params, batch_stats=batch_stats)
 
 
 def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
@@ -109,6 +204,11 @@ def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
 # ----------------------------------------------------------------------------- steps
 
 
+#: The quantities the non-finite guard of :func:`train_step` checks, in the bit order of its
+#: ``nonfinite`` metric (bit i set: ``NONFINITE_QUANTITIES[i]`` has a NaN or inf).
+NONFINITE_QUANTITIES = ("loss", "grads", "params", "opt_state")
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -117,10 +217,17 @@ def train_step(
     tx: optax.GradientTransformation,
     spec: LossSpec,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step; pure. Metrics: loss, grad_norm, train confusion (K, K), solver stats.
+    """One optimizer step; pure. Metrics: loss, grad_norm, train confusion (K, K), solver stats
+    and ``nonfinite``.
 
     For ``"pretrain"`` the network's image class scores (``model.classify``) are trained and the
     confusion is over images (:func:`classification_confusion`).
+
+    Non-finite guard: when the loss, a gradient, an updated parameter (or batch statistic) or
+    the updated optimizer state holds a NaN or inf, the step is not applied (the returned state
+    is ``state``, step count included) and ``nonfinite`` (int32) has the bits of
+    :data:`NONFINITE_QUANTITIES` set; it is 0 for an applied step. The choice is a ``where``
+    inside the step: no host synchronisation.
     """
 
     def loss_fn(params, batch_stats):
@@ -143,12 +250,45 @@ def train_step(
     else:
         pred = jnp.argmax(upsample_logits(outputs, batch["mask"].shape[1:3]), axis=-1)
         confusion = metrics.confusion_matrix(pred, batch["mask"], spec.num_classes, batch["valid"])
-    out = {"loss": loss, "grad_norm": optax.global_norm(grads), "confusion": confusion}
+    nonfinite = nonfinite_code(
+        loss=loss, grads=grads, params=(params, batch_stats), opt_state=opt_state
+    )
+    out = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "confusion": confusion,
+        "nonfinite": nonfinite,
+    }
     out.update({k: v for k, v in aux.items() if k != "p"})
-    new_state = state.replace(
+    candidate = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
+    applied = nonfinite == 0
+    new_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), candidate, state)
     return new_state, out
+
+
+def nonfinite_code(**quantities: Any) -> jax.Array:
+    """int32 with bit i set when ``quantities[NONFINITE_QUANTITIES[i]]`` has a NaN or inf."""
+    code = jnp.zeros((), jnp.int32)
+    for bit, name in enumerate(NONFINITE_QUANTITIES):
+        code = code | jnp.where(_all_finite(quantities[name]), 0, 1 << bit).astype(jnp.int32)
+    return code
+
+
+def nonfinite_names(code: int) -> list[str]:
+    """The :data:`NONFINITE_QUANTITIES` whose bits are set in ``code``."""
+    return [name for bit, name in enumerate(NONFINITE_QUANTITIES) if int(code) & (1 << bit)]
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """True when every floating-point leaf of ``tree`` is finite (no NaN, no inf)."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def classification_confusion(scores_BxK: jax.Array, batch: dict, spec: LossSpec) -> jax.Array:
@@ -262,20 +402,21 @@ def make_steps(
         in_shardings=(repl, data),
         out_shardings=repl,
     )
-    predict_fn = jax.jit(
+    predict_fn = jax.jit(  # replicated predictions: every process can read the figures' images
         functools.partial(predict_step, graphdef=graphdef, spec=spec),
         in_shardings=(repl, data),
-        out_shardings=data,
+        out_shardings=repl,
     )
     return Steps(mesh=mesh, train=train_fn, eval=eval_fn, predict=predict_fn)
 
 
-def maybe_initialize_distributed(force: bool = False) -> None:
-    """``jax.distributed.initialize()`` for multi-host launches (before any other JAX call).
+def maybe_initialize_distributed(force: bool = False, **kwargs) -> None:
+    """:func:`ccnn_jax.distributed.initialize` for multi-host launches (before any other JAX
+    call), with ``kwargs`` (coordinator address, process count and id, timeouts).
 
     Runs when ``force`` or when a coordinator is configured through the environment
     (``JAX_COORDINATOR_ADDRESS``); on Cloud TPU / SLURM / Open MPI, ``initialize()`` detects
     the cluster itself, so pass ``force=True`` (``experiments/train.py --multihost``).
     """
     if force or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+        distributed.initialize(**kwargs)

@@ -37,9 +37,9 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from ccnn_jax import reporting
+from ccnn_jax import cli, reporting
 from ccnn_jax.benchmark import (
     MODES,
     bench_batches,
@@ -50,6 +50,7 @@ from ccnn_jax.benchmark import (
     seed_problems,
     tag_problems,
 )
+from ccnn_jax.configs import ConfigError
 
 #: ``--quick``: one tiny size at batch 1 (each shape costs a compile of several seconds).
 QUICK = dict(
@@ -99,16 +100,16 @@ REF_COLUMNS = [
 def _checked(sizes, batches, methods, modes) -> tuple[list[int], list[str]]:
     """Validates the arguments of :func:`run`; returns the batches and modes to time."""
     if not modes or set(modes) - set(MODES):
-        raise ValueError(f"modes must be among {list(MODES)}, got {list(modes)}")
+        raise ConfigError(f"modes must be among {list(MODES)}, got {list(modes)}")
     if default_mode() not in modes:
         modes = [default_mode(), *modes]  # the reference comparison uses the default mode
     if "newton" not in methods:
-        raise ValueError(
+        raise ConfigError(
             f"methods must include 'newton' (the reference ratios use it), got {list(methods)}"
         )
     bad = [b for b in batches if b < 1]
     if bad or not batches or not sizes or min(sizes) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"sizes must be >= 2 and batches >= 1, got sizes={list(sizes)}, batches={list(batches)}"
         )
     batches = sorted(set(batches))
@@ -401,4 +402,4 @@ def _define_flags():
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -19,6 +19,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ccnn_jax import cli
 from ccnn_jax.configs import synthetic
 
 FLAGS = flags.FLAGS
@@ -60,4 +61,4 @@ def _define_flags():
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -1,16 +1,19 @@
-"""One-step latent demonstration: statistics on hand-made arrays, and the CLI end to end (tiny)."""
+"""One-step latent demonstration: statistics on hand-made arrays, the CLI end to end (tiny), the
+camvid/fastai path on fake files, and the accuracy stopping rule."""
 
 import json
 import os
 import subprocess
 import sys
 
+import fakes
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccnn_jax import constraints, one_step
+from ccnn_jax import constraints, one_step, one_step_run
+from ccnn_jax.configs import one_step as one_step_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 4
@@ -112,6 +115,16 @@ def test_variant_constraints():
     np.testing.assert_allclose(oracle.b[:, :K], 0.8 * true, rtol=1e-6)
     assert oracle.b[1, 3] == 0.0 and np.all(oracle.mask)
 
+    every = one_step.variant_constraints(
+        "all_labels", batch, num_classes=K, background=None, alpha=0.1
+    )
+    np.testing.assert_array_equal(every.a, rows)
+    np.testing.assert_allclose(every.b[:, :K], 0.1)  # every label, present or not
+    assert every.b[1, 3] > 0 and np.all(np.isinf(every.beta)) and np.all(every.mask)
+    padded = {"tags": np.zeros_like(tags), "mask": mask}  # a padding example: no active row
+    assert not np.any(one_step.variant_constraints("all_labels", padded, num_classes=K,
+                                                   background=None).b)  # fmt: skip
+
     ccnn = one_step.variant_constraints("ccnn_tags", batch, num_classes=K, background=0)
     for i in range(b):
         ref = constraints.from_tags(tags[i], background=0)
@@ -127,8 +140,31 @@ def test_variant_constraints():
         )
 
 
+def test_per_class_kl_sums_the_pixels_of_each_true_class():
+    kl = jnp.asarray([[[1.0, 2.0], [3.0, 4.0]]])
+    mask = jnp.asarray([[[0, 2], [2, 255]]])
+    weight = one_step.labelled_pixels(mask, K, jnp.ones(1))
+    np.testing.assert_allclose(one_step.per_class_sums(kl, mask, weight, K), [[1.0, 0.0, 5.0, 0.0]])
+
+
+def test_best_label_shift_recovers_a_shift_and_bounds_the_variants():
+    key_u, key_l = jax.random.split(jax.random.key(0))
+    log_u = jax.nn.log_softmax(2.0 * jax.random.normal(key_u, (2, 5, 6, K)), -1)
+    lam = 3.0 * jax.random.normal(key_l, (2, K))
+    log_f = jax.nn.log_softmax(log_u + lam[:, None, None, :], -1)
+    weight = jnp.ones((2, 5, 6))
+    np.testing.assert_allclose(one_step.best_label_shift(log_f, log_u, weight), log_f, atol=1e-4)
+    # any other shift (here: a solved latent's) is no closer to Q_full
+    other = jax.nn.log_softmax(log_u + 0.5 * lam[:, None, None, :], -1)
+    best = one_step.best_label_shift(jax.nn.log_softmax(-log_u, -1), log_u, weight)
+    kl_best, _ = one_step.kl_per_image(jax.nn.log_softmax(-log_u, -1), best, weight)
+    kl_other, _ = one_step.kl_per_image(jax.nn.log_softmax(-log_u, -1), other, weight)
+    assert np.all(kl_best <= kl_other + 1e-6)
+
+
 def test_cli_end_to_end_tiny(tmp_path):
-    """The CLI on ccnn_synthetic/tiny: outputs exist, the reduction is computed from the KLs."""
+    """The CLI on ccnn_synthetic/streets_tiny: outputs exist, the under-trained network is the
+    first check at the accuracy target, the reduction is computed from the KLs."""
     workdir = tmp_path / "wd"
     env = dict(
         os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PLATFORMS="cpu"
@@ -146,15 +182,82 @@ def test_cli_end_to_end_tiny(tmp_path):
     for name in ("results.json", "results.md", "latent.png"):
         assert (workdir / name).stat().st_size > 0, name
     results = json.loads((workdir / "results.json").read_text())
+    assert results["dataset"] == "ccnn_synthetic/streets_tiny" and results["seed"] == 0
     assert results["reduction"] == 1.0 - results["kl_full_latent"] / results["kl_full_under"]
-    assert results["kl_full_latent"] == results["variants"]["tags"]["kl_full_latent"]
+    assert results["default_variant"] == "all_labels"
+    assert results["kl_full_latent"] == results["variants"]["all_labels"]["kl_full_latent"]
     assert set(results["variants"]) == set(one_step.VARIANTS)
     for r in results["variants"].values():
         assert r["reduction"] == 1.0 - r["kl_full_latent"] / results["kl_full_under"]
         assert r["solver"]["converged_fraction"] == 1.0
-        assert 0.0 <= r["pixel_accuracy"] <= 1.0
+        assert 0.0 <= r["pixel_accuracy"] <= 1.0 and 0.0 <= r["agreement_accuracy"] <= 1.0
+        assert len(r["per_class_iou"]) == len(r["per_class"]["reduction"]) == 11
+    # the stopping rule: the first check (every 2 steps) reaches the tiny target of 5%
+    assert results["under_checks"][0][0] == results["under_steps"] == 2 < results["full_steps"]
+    assert results["under_checks"][-1][1] >= results["under_accuracy_target"]
+    assert [row["alpha"] for row in results["alpha_sweep"]] == [0.01, 0.05]
     assert results["num_images"] == 16  # the tiny validation split
     assert results["cvxpy"]["max_abs_diff_p"] < 1e-3
     assert results["kl_full_under"] > 0
+    # the best label shift bounds every variant whose rows weigh all pixels alike
+    for v in ("all_labels", "tags", "oracle"):
+        assert results["variants"][v]["reduction"] <= results["ceiling_reduction"] + 1e-3, v
     table = (workdir / "results.md").read_text()
-    assert "P `oracle`" in table and "CVXPY" in table
+    assert "P `oracle`" in table and "CVXPY" in table and "| bicyclist |" in table
+
+
+def test_camvid_fastai_on_fake_files(tmp_path):
+    """The camvid config (the fastai layout) end to end on the fake download of the data tests,
+    with a tiny network: 31 classes, no background, every variant solved."""
+    fakes.write_camvid_fastai(tmp_path / "manual")
+    config = one_step_config.get_config("camvid")
+    tc = config.train
+    tc.manual_dir, tc.data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+    tc.image_size, tc.batch_size, tc.eval_batch_size, tc.worker_count = (32, 32), 2, 2, 0
+    tc.model.width, tc.model.depth, tc.model.norm = 4, 2, "group"
+    tc.warmup_steps, tc.log_every, tc.checkpoint_every = 1, 2, 4
+    config.full_steps, config.under_accuracy, config.under_check_images = 4, 0.01, 2
+    config.eval_batch_size, config.cvxpy_images, config.cvxpy_max_side = 2, 1, 8
+    results = one_step_run.run(config, tmp_path / "wd", progress=False)
+    assert results["dataset"] == "camvid/fastai" and len(results["class_names"]) == 31
+    assert results["num_images"] == 2 and results["under_steps"] < results["full_steps"]
+    assert results["variants"]["all_labels"]["solver"]["converged_fraction"] == 1.0
+    assert results["reduction"] == 1.0 - results["kl_full_latent"] / results["kl_full_under"]
+    # a rerun restores both networks and gives the same figures
+    again = one_step_run.run(config, tmp_path / "wd", progress=False)
+    assert again["kl_full_latent"] == results["kl_full_latent"]
+
+
+def test_config_errors_name_the_field():
+    config = one_step_config.get_config("tiny")
+    one_step_run.check_config(config, num_classes=11)
+    config.alpha = 0.1
+    with pytest.raises(ValueError, match="alpha < 1/11"):
+        one_step_run.check_config(config, num_classes=11)
+    config = one_step_config.get_config("tiny")
+    config.under_accuracy = 1.5
+    with pytest.raises(ValueError, match="config.under_accuracy"):
+        one_step_run.check_config(config)
+    config = one_step_config.get_config("tiny")
+    config.default_variant = "nope"
+    with pytest.raises(ValueError, match="config.default_variant"):
+        one_step_run.check_config(config)
+    with pytest.raises(ValueError, match="config string"):
+        one_step_config.get_config("bogus")
+
+
+def test_target_never_reached_is_an_error_before_the_full_run(tmp_path, monkeypatch):
+    from ccnn_jax import one_step_train
+    from ccnn_jax.data import pipeline
+
+    meta = pipeline.DatasetMeta("x", [str(k) for k in range(11)], 11, None)
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "dataset_meta", lambda *a, **k: meta)
+    monkeypatch.setattr(
+        one_step_train, "train_until_accuracy", lambda *a, **k: (None, [[4, 0.3], [8, 0.4]])
+    )
+    monkeypatch.setattr(one_step_train, "train_full", lambda *a, **k: pytest.fail("trained"))
+    config = one_step_config.get_config("tiny")
+    config.under_accuracy = 0.66
+    with pytest.raises(ValueError, match="never reached config.under_accuracy"):
+        one_step_run.run(config, tmp_path, progress=False)

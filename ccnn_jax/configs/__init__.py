@@ -5,7 +5,8 @@ each define ``get_config(config_string)``; pass their file path to ``--config`` 
 ``experiments/``, e.g. ``--config ccnn_jax/configs/synthetic.py:mil``. Each dataset config calls
 :func:`parse` on its config string (``"<method>[,option...]"``) and :func:`base`, then sets its
 dataset, image size, model and schedule. :func:`base` is the one place for the fields every run
-reads, with their defaults, so the dataset configs hold only what differs.
+reads, with their defaults, so the dataset configs hold only what differs. :func:`validate`
+checks a config before a run starts (see :mod:`ccnn_jax.configs.validation`).
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ import dataclasses
 import ml_collections
 
 from ccnn_jax import constraints
+from ccnn_jax.configs.validation import RERUN_MAY_DIFFER, ConfigError, validate
 from ccnn_jax.data import pipeline
+
+__all__ = ["METHODS", "RERUN_MAY_DIFFER", "ConfigError", "base", "parse", "validate"]
 
 METHODS = ("ccnn", "ccnn_size", "mil", "full", "pretrain")
 
 
 def parse(config_string: str | None, options: tuple[str, ...]) -> tuple[str, set[str]]:
-    """``"mil,tiny"`` -> ("mil", {"tiny"}); unknown methods or options raise ValueError."""
+    """``"mil,tiny"`` -> ("mil", {"tiny"}); unknown methods or options raise ConfigError."""
     parts = [p.strip() for p in (config_string or "ccnn").split(",") if p.strip()]
     method = parts[0] if parts else "ccnn"
     if method not in METHODS:
-        raise ValueError(f"config string: method must be one of {METHODS}, got {method!r}")
+        raise ConfigError(f"config string: method must be one of {METHODS}, got {method!r}")
     unknown = set(parts[1:]) - set(options)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"config string: unknown options {sorted(unknown)} (known: {', '.join(options)})"
         )
     return method, set(parts[1:])
@@ -58,6 +62,20 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.model.norm = "group"
     c.model.output_stride = 1
     c.model.classifier = False  # a bottleneck image classifier (needed by pretraining)
+    # Backbones (ccnn_jax.models.MODELS) and their ImageNet weights. width/depth/norm/
+    # output_stride/classifier above are the UNet's; the backbones take the fields below.
+    c.model.name = "unet"  # or "vgg16_fcn32", "vgg16_largefov", "resnet50_os8", "resnet50_os16"
+    c.model.pretrained = ml_collections.config_dict.placeholder(str)  # a .safetensors file
+    c.model.pretrained_layout = "torchvision"  # key layout of that file: or "timm"
+    # FCN's trick: one ImageNet class index (or None) per class seeds its score filter;
+    # None drops the ImageNet classifier.
+    c.model.keep_classifier = ml_collections.config_dict.placeholder(tuple)
+    c.model.backbone_width = ml_collections.config_dict.placeholder(int)  # None: 64 (ImageNet)
+    c.model.fc_features = ml_collections.config_dict.placeholder(int)  # VGG fc6/fc7; None: model's
+    c.model.dropout_rate = 0.5  # VGG, after fc6 and fc7
+    # Activations' dtype: "float32" or "bfloat16"; parameters, optimizer, solver, loss and
+    # metrics stay float32.
+    c.dtype = "float32"
 
     c.batch_size = 16
     c.eval_batch_size = 16
@@ -67,6 +85,13 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.weight_decay = 1e-4
     c.grad_clip_norm = 1.0  # 0: no clipping
     c.final_lr_fraction = 0.01  # the cosine schedule ends at this fraction of learning_rate
+    # "adamw" (warmup + cosine decay) or "sgd": Caffe's SGD as the original CCNN trained,
+    # momentum, weight decay added to the gradient and the "step" policy (learning rate times
+    # lr_decay_factor every lr_decay_steps steps; no warmup).
+    c.optimizer = "adamw"
+    c.momentum = 0.9  # sgd only
+    c.lr_decay_steps = 10_000  # sgd only
+    c.lr_decay_factor = 0.1  # sgd only
 
     c.solver = ml_collections.ConfigDict()
     c.solver.method = "newton"

@@ -179,10 +179,33 @@ def make_example(
 
 
 def read_list(path: epath.Path, layout: str) -> list[str]:
-    """Non-empty stripped lines of a text file; MissingDownloadError if it does not exist."""
+    """The ids of a list file, one per line, checked by :func:`check_ids`; MissingDownloadError
+    if it does not exist."""
     if not path.exists():
         raise missing(path, layout)
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return check_ids([line.strip() for line in path.read_text().splitlines()], str(path))
+
+
+def check_ids(lines: list[str], source: str) -> list[str]:
+    """The non-empty ``lines`` of an id list; BadInputError naming ``source`` and the line for
+    an id that is a path (``/``, ``\\``, a leading ``.``: it could read outside the dataset
+    folder) or listed twice."""
+    ids, seen = [], {}
+    for number, image_id in enumerate(lines, start=1):
+        if not image_id:
+            continue
+        if "/" in image_id or "\\" in image_id or image_id.startswith("."):
+            raise BadInputError(
+                f"{source}: line {number}: {image_id!r} is not a plain name (no paths allowed)"
+            )
+        if image_id in seen:
+            raise BadInputError(
+                f"{source}: line {number}: id {image_id!r} is listed twice (first on line "
+                f"{seen[image_id]})"
+            )
+        seen[image_id] = number
+        ids.append(image_id)
+    return ids
 
 
 def check_pairs(

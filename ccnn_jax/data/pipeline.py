@@ -55,15 +55,21 @@ def _ccnn_builder_names(cls) -> set[str]:
     return names
 
 
+def known_datasets() -> list[str]:
+    """Names of the TFDS builders ccnn_jax registers (add ``/<config>`` for a builder config)."""
+    import ccnn_jax.data  # noqa: F401  (registers the builders)
+
+    return sorted(_ccnn_builder_names(tfds.core.DatasetBuilder))
+
+
 def _builder(name: str, data_dir: str | None, **kwargs) -> tfds.core.DatasetBuilder:
     import ccnn_jax.data  # noqa: F401  (registers the builders)
 
     try:
         return tfds.builder(name, data_dir=data_dir, **kwargs)
     except tfds.core.registered.DatasetNotFoundError:
-        ours = sorted(_ccnn_builder_names(tfds.core.DatasetBuilder))
         raise ValueError(
-            f"name: unknown dataset {name!r}; ccnn_jax registers {ours} "
+            f"name: unknown dataset {name!r}; ccnn_jax registers {known_datasets()} "
             "(add '/<config>' for a builder config, e.g. 'ccnn_synthetic/tiny')"
         ) from None
     except ValueError as e:  # e.g. an unknown config name
@@ -233,11 +239,16 @@ class _PadAndStack:
     def __call__(self, examples: Sequence[dict]) -> dict:
         examples = list(examples)
         if len(examples) < self.batch_size:
-            first = examples[0]
-            pad = {k: np.zeros_like(v) for k, v in first.items()}
-            pad["mask"] = np.full_like(first["mask"], common.VOID)
-            examples += [pad] * (self.batch_size - len(examples))
+            examples += [padding_like(examples[0])] * (self.batch_size - len(examples))
         return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+
+
+def padding_like(example_or_batch: dict) -> dict:
+    """An all-padding example (or batch) shaped like the given one: zeros, void masks, so
+    ``valid = 0`` and every pixel ignored."""
+    pad = {k: np.zeros_like(v) for k, v in example_or_batch.items()}
+    pad["mask"] = np.full_like(example_or_batch["mask"], common.VOID)
+    return pad
 
 
 # ----------------------------------------------------------------------------- loader
@@ -254,6 +265,7 @@ def make_loader(
     seed: int,
     num_epochs: int | None = None,
     shard_by_process: bool = True,
+    shard: tuple[int, int] | None = None,
     worker_count: int = 0,
     scale_range: tuple[float, float] = TRAIN_SCALE_RANGE,
 ) -> grain.DataLoader:
@@ -269,6 +281,8 @@ def make_loader(
       seed: shuffling and augmentation seed.
       num_epochs: passes over the split; ``None`` = forever for train and 1 for eval.
       shard_by_process: give each JAX process a disjoint shard (``grain.ShardByJaxProcess``).
+      shard: ``(index, count)`` reads that shard instead, exactly as process ``index`` of
+        ``count`` would (e.g. one process reproducing a multi-process run's global batches).
       worker_count: grain worker processes (0 = in the calling process).
       scale_range: (lo, hi) of the random rescale factor when training, e.g. (1, 1) for
         flips only.
@@ -300,12 +314,15 @@ def make_loader(
         ) from None
     if num_epochs is None and not train:
         num_epochs = 1
-    shard = (
-        grain.ShardByJaxProcess(drop_remainder=train) if shard_by_process else grain.NoSharding()
-    )
+    if shard is not None:
+        shard_options = grain.ShardOptions(*shard, drop_remainder=train)
+    elif shard_by_process:
+        shard_options = grain.ShardByJaxProcess(drop_remainder=train)
+    else:
+        shard_options = grain.NoSharding()
     sampler = grain.IndexSampler(
         num_records=len(source),
-        shard_options=shard,
+        shard_options=shard_options,
         shuffle=train,
         num_epochs=num_epochs,
         seed=seed,

@@ -69,6 +69,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     background_textures: tuple[str, ...] = shapes.TEXTURES
     clutter: bool = True  # thin random line segments on the background
     context: bool = True  # the context bias (bar on waves, crescent on speckle)
+    scene: str = "shapes"  # or "streets" (ccnn_jax/data/streets.py; the fields above unused)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,11 +284,28 @@ class CcnnSynthetic(common.SegmentationBuilder):
             description="32x32, one object per image, 48 train / 16 validation (for tests).",
             **{**OBJECTS, "num_train": 48, "num_validation": 16},
         ),
+        SyntheticConfig(
+            name="streets",
+            description="CamVid-like street scenes, 11 classes, 64x64, 4000 / 500 images.",
+            scene="streets",
+        ),
+        SyntheticConfig(
+            name="streets_tiny",
+            description="Street scenes, 32x32, 48 train / 16 validation images (for tests).",
+            scene="streets",
+            image_size=32,
+            num_train=48,
+            num_validation=16,
+        ),
     ]
     DEFAULT_CONFIG_NAME = "default"
 
+    def class_names(self) -> tuple[str, ...]:
+        return scene_generator(self.builder_config)[0]
+
     def extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
-        return {"large": tfds.features.Sequence(tfds.features.ClassLabel(names=CLASS_NAMES))}
+        names = self.class_names()
+        return {"large": tfds.features.Sequence(tfds.features.ClassLabel(names=names))}
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
@@ -301,8 +319,20 @@ class CcnnSynthetic(common.SegmentationBuilder):
         yield from encoded_examples(self.builder_config, split, num_examples)
 
 
+def scene_generator(config: SyntheticConfig):
+    """``(class_names, generate_scene)`` of ``config.scene``: ``"shapes"`` (this module) or
+    ``"streets"`` (:mod:`ccnn_jax.data.streets`, CamVid's 11 classes, no background)."""
+    if config.scene == "shapes":
+        return CLASS_NAMES, generate_scene
+    if config.scene == "streets":
+        from ccnn_jax.data import streets  # it imports this module: import here, not on top
+
+        return streets.CLASS_NAMES, streets.generate_scene
+    raise ValueError(f"config.scene: expected 'shapes' or 'streets', got {config.scene!r}")
+
+
 def _encoded_example(config: SyntheticConfig, split: str, index: int) -> tuple[int, dict]:
-    scene = generate_scene(config.seed, split, index, config)
+    scene = scene_generator(config)[1](config.seed, split, index, config)
     return index, {
         "image": common.encode_png(scene.image, compress_level=0),
         "segmentation_mask": common.encode_mask(scene.mask),

@@ -20,6 +20,7 @@ is never used.
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 
 import numpy as np
@@ -89,10 +90,10 @@ class VocFiles:
             self._root = tree
             self.where = str(tree)
         elif tar_path.exists():
-            self._tar = tarfile.open(tar_path, "r:*")
+            self._tar, members = _open_tar(tar_path)
             self._members = {
                 m.name[m.name.index(_PREFIX) + len(_PREFIX) :]: m
-                for m in self._tar.getmembers()
+                for m in members
                 if m.isfile() and _PREFIX in m.name
             }
             if not self._members:
@@ -117,15 +118,42 @@ class VocFiles:
             raise checks.missing(self.name(rel), self.layout)
         if self._tar is None:
             return (self._root / rel).read_bytes()
-        return self._tar.extractfile(self._members[rel]).read()
+        try:
+            return self._tar.extractfile(self._members[rel]).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise checks.BadInputError(
+                f"cannot read {self.name(rel)}: {_tar_reason(e)} (a truncated or corrupt "
+                "archive? download it again)"
+            ) from None
 
     def read_ids(self, rel: str) -> list[str]:
-        """Image ids listed one per line in ``rel`` (an ImageSets file)."""
-        return [line.strip() for line in self.read(rel).decode().splitlines() if line.strip()]
+        """Image ids listed one per line in ``rel`` (an ImageSets file), each checked by
+        :func:`ccnn_jax.data.checks.check_ids` (no duplicates, no paths)."""
+        lines = self.read(rel).decode(errors="replace").splitlines()
+        return checks.check_ids([line.strip() for line in lines], self.name(rel))
 
     def close(self) -> None:
         if self._tar is not None:
             self._tar.close()
+
+
+def _open_tar(path: epath.Path) -> tuple[tarfile.TarFile, list[tarfile.TarInfo]]:
+    """The open archive and its members; BadInputError naming ``path`` if it is not a tar."""
+    try:
+        tar = tarfile.open(path, "r:*")
+        return tar, tar.getmembers()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise checks.BadInputError(
+            f"cannot read the archive {path}: {_tar_reason(e)} (a truncated or corrupt "
+            "download? download it again, or extract it into manual_dir)"
+        ) from None
+
+
+def _tar_reason(error: Exception) -> str:
+    """One line from tarfile's error (which lists every compression it tried)."""
+    text = str(error)
+    tar_reason = re.search(r"method tar: (.*)", text)
+    return tar_reason.group(1).strip() if tar_reason else f"{type(error).__name__}: {text}"
 
 
 def read_sbd_mask(path: epath.Path) -> np.ndarray:
