@@ -75,10 +75,18 @@ measures a step on the slice first.)
 Measured here, at a reduced size (2-core shared CPU, no accelerator; ``python
 experiments/bench_train.py --config ccnn_jax/configs/voc.py:ccnn_vgg16 --data=random
 --config.image_size='(128, 128)' --config.batch_size=2 --steps 6 --block 3``; the full-size
-VGG-16, 134 M parameters): not yet recorded. On 2026-11-28 the machine ran at load average
-12-16 and the bench had used 4 CPU minutes in 44 minutes of wall time without finishing its
-compilations and steps; rerun it on a quiet machine or a lent accelerator and record the table
-it prints here.
+VGG-16, 134 M parameters), 2026-11-28, float32, random batches, median of 6 steps:
+
+=====  ========  ===========  ========  =========
+step   step s    CPU s/step   images/s  compile s
+=====  ========  ===========  ========  =========
+ccnn   10.3      19.2         0.19      6.0
+full   9.87      18.9         0.20      4.0
+=====  ========  ===========  ========  =========
+
+CCNN / plain step 1.045 (the solver's share 4.4%); XLA's estimate 2.6 GiB (1.0 GiB arguments,
+1.6 GiB temporaries), host peak RSS 4.6 GiB. At the recipe's 500x500 crops and batch 1 the
+activations grow about 15x per image: plan for a GPU (or a TPU slice, commands above).
 
 Without ``vgg16``/``largefov`` the network is a UNet trained from scratch (the pre-backbone
 configs): expect clearly lower absolute mIoU than the paper; the ordering full > ccnn_size >
