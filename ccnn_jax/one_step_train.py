@@ -51,7 +51,7 @@ def _record(workdir: epath.Path, record: dict) -> dict:
     if path.exists():
         stored = json.loads(path.read_text())
         if {k: stored.get(k) for k in record} != record:
-            raise ValueError(
+            raise checkpoint_lib.WorkdirError(
                 f"{path} records a different training config or stopping rule than the current "
                 f"one; remove {workdir} to retrain (or use another --workdir)"
             )
