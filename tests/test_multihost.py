@@ -142,10 +142,7 @@ def _reference(config):
     return params, confusion
 
 
-# 8 min wall on the loaded 2-core machine (two runs of two processes and the reference): slow.
-# The default run keeps test_a_failing_process_ends_both[1], where two processes train together
-# and write a checkpoint before one fails.
-@pytest.mark.slow
+# About 70 s on the 2-core machine (two runs of two processes and the one-process reference).
 def test_two_processes_match_one_process_and_share_a_checkpoint(shared, tmp_path):
     workdir, out = tmp_path / "run", tmp_path / "out"
     out.mkdir()
