@@ -8,6 +8,35 @@ below ``tol``. Infeasible hard rows make g unbounded above; the loop stops as so
 hard-row part of lambda is a Farkas direction (:func:`ccnn_jax.dual.infeasibility_slope` > 0),
 and hard multipliers are capped at ``max_lambda`` as a backstop. Either is reported as
 ``feasible=False``, with finite lambda and P.
+
+Cost. Labels the mask forbids are dropped before the loop: an image with n allowed labels is
+solved on the first of 4, 8 or K columns that holds them (a ``lax.switch``, so only that branch
+runs outside ``vmap``), and on the CPU the loop evaluates the dual in factorised form (two
+matrix-vector products and a K x K Gram product per evaluation, see :mod:`ccnn_jax.dual`).
+
+Differentiation. ``solve`` and ``solve_batch`` have a custom JVP (hence also a VJP, by JAX's
+transposition) from the implicit function theorem on the optimality conditions of the box-
+constrained dual. With F the free rows (:math:`0 < \lambda_c < \min(\beta_c, \lambda_{max})`)
+and the bound rows held at their bound,
+
+.. math::
+
+    M_{FF}\, d\lambda_F = db_F - \partial_\theta s_F(P)\, d\theta - M_{FU}\, d\beta_U,
+    \qquad d\lambda_U = d\beta_U, \qquad d\lambda_{L} = 0,
+
+where :math:`M = -\nabla^2 g`, U the rows at the upper bound :math:`\beta_c` and L those at 0;
+then :math:`dP = \partial_\lambda P\, d\lambda + \partial_\theta P\, d\theta` and
+:math:`d g^* = \partial g\, (d\lambda, d\theta)`, for :math:`\theta` = ``log_q``, ``cons.a``,
+``cons.b``, ``cons.weights`` and ``hardness``. This is the exact derivative wherever strict
+complementarity holds (every bound row has a nonzero gradient, so a small change of
+:math:`\theta` keeps it at its bound). Where it fails (a row at a bound with zero gradient) the
+solution map has a kink; the rule then returns the one-sided derivative of the branch on which
+such rows stay at their bound. A singular :math:`M_{FF}` (e.g. two identical free rows) is
+solved in the least-squares, minimum-norm sense. ``lam0`` has zero derivative (the optimum does
+not depend on it); ``info`` carries derivatives only in ``primal`` and ``dual`` (both
+:math:`dg^*`). Infeasible or invalid problems (``feasible`` False) get zero tangents. The rule
+costs about two evaluations of the dual on all K labels (one exponential pass plus two linear
+ones), and no iteration of the loop is differentiated.
 """
 
 from __future__ import annotations
@@ -19,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import checkify
 
 from ccnn_jax import dual
 from ccnn_jax.constraints import LinearConstraints
@@ -26,7 +56,11 @@ from ccnn_jax.constraints import LinearConstraints
 Array = jax.Array
 
 _ARMIJO = 1e-4  # sufficient-increase fraction of the first-order prediction
-_EPS32 = 1e-6  # relative rounding error of float32 sums over pixels
+
+
+def _eps(dtype) -> float:
+    """Relative rounding error of sums over pixels: 1e-6 in float32, 2e-15 in float64."""
+    return 8.0 * float(jnp.finfo(dtype).eps)
 
 
 class SolveInfo(NamedTuple):
@@ -34,7 +68,9 @@ class SolveInfo(NamedTuple):
 
     iterations: evaluations of the dual used. max_violation: worst hard-row violation of P.
     gap: duality gap primal(P) - g(lambda). converged: KKT residual and relative gap <= tol.
-    feasible: False when the hard rows were proven infeasible.
+    feasible: False when the hard rows were proven infeasible, or when an input was invalid
+    (NaN or +inf in ``log_q``, ``beta < 0``, no allowed label, hardness not finite and > 0, ...;
+    such inputs raise ``ValueError`` outside ``jit``).
     """
 
     iterations: Array
@@ -102,8 +138,8 @@ def _accept(ev_new: dual.DualEval, ev: dual.DualEval, lam_new, lam, prob, upper)
     certified = ev_new.grad_C @ step >= 0.0
     res_new = _residual(lam_new, ev_new.grad_C, upper)
     res_old = _residual(lam, ev.grad_C, upper)
-    noise = _EPS32 * (1.0 + jnp.mean(jnp.abs(ev.logz_N)) + jnp.abs(lam) @ jnp.abs(prob.b_C))
-    settles = (res_new <= 0.5 * res_old) & (increase >= -noise)
+    scale = 1.0 + jnp.mean(jnp.abs(ev.logz_N)) + jnp.abs(lam) @ jnp.abs(prob.b_C)
+    settles = (res_new <= 0.5 * res_old) & (increase >= -_eps(lam.dtype) * scale)
     return armijo | certified | settles
 
 
@@ -115,24 +151,26 @@ def _newton_direction(ev: dual.DualEval, lam, upper, mu) -> tuple[Array, Array]:
     both = free[:, None] & free[None, :]
     m_free = jnp.where(both, m, 0.0) + jnp.diag(jnp.where(free, mu, 1.0))
     grad_free = jnp.where(free, grad, 0.0)
-    d = jnp.linalg.solve(m_free, grad_free)
+    # SPD (M is PSD, mu > 0): Cholesky, which unlike LU needs no pivoting loop in XLA
+    d = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m_free, lower=True), grad_free)
+    # a failed factorisation (rounding; NaN) falls back to a diagonally scaled gradient step
+    d = jnp.where(jnp.all(jnp.isfinite(d)), d, grad_free / jnp.diag(m_free))
     return jnp.where(free, d, 0.0), grad_free
 
 
 def _initial_radius(prob: dual.Problem) -> Array:
     """A step of lambda ~ the per-pixel spread of the scores can flip any pixel's label."""
-    f = jnp.where(prob.mask_K, prob.f_NxK, jnp.nan)
-    spread = jnp.nanmax(f, axis=-1) - jnp.nanmin(f, axis=-1)
+    spread = -jnp.min(jnp.where(prob.mask_K, prob.h_NxK, 0.0), axis=-1) / prob.hardness
     return 1.0 + jnp.mean(jnp.clip(spread, 0.0, 1e4))
 
 
-def _newton_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
+def _newton_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda, skip) -> _Loop:
     """Projected Newton with Levenberg-Marquardt damping mu and an infinity-norm trust radius.
 
     One evaluation of g, grad g and -Hessian per iteration; the accepted point's evaluation is
     carried to the next iteration. A rejected trial shrinks the radius to the secant estimate of
     the best fraction of its length (within [0.1, 0.5]) and doubles mu; an accepted one relaxes
-    both.
+    both. ``skip`` (an invalid input) stops the loop before its first step.
     """
     upper = _upper(prob, max_lambda)
     ev0 = dual.evaluate(lam0, prob)
@@ -143,7 +181,7 @@ def _newton_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
     init = _Loop(
         it=jnp.asarray(1, jnp.int32), lam=lam0, ev=ev0, step=mu_floor(ev0),
         radius=_initial_radius(prob), opt_state=(), updates=jnp.zeros_like(lam0),
-        done=_finished(lam0, ev0, prob, upper, tol),
+        done=_finished(lam0, ev0, prob, upper, tol) | skip,
     )
 
     def body(st: _Loop) -> _Loop:
@@ -185,7 +223,7 @@ def scale_by_barzilai_borwein(alpha_init: Array, min_alpha=1e-10, max_alpha=1e10
     def init_fn(params):
         return BarzilaiBorweinState(
             prev_params=params, prev_grads=jnp.zeros_like(params),
-            alpha=jnp.asarray(alpha_init, jnp.float32),
+            alpha=jnp.asarray(alpha_init, params.dtype),
         )
 
     def update_fn(grads, state, params):
@@ -199,7 +237,7 @@ def scale_by_barzilai_borwein(alpha_init: Array, min_alpha=1e-10, max_alpha=1e10
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _pga_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
+def _pga_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda, skip) -> _Loop:
     upper = _upper(prob, max_lambda)
     ev0 = dual.evaluate(lam0, prob, with_hessian=False)
     # 1 / Lipschitz bound of grad g: s * max_{i,l} sum_c (w_c(i) a_cl)^2.
@@ -212,9 +250,9 @@ def _pga_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
     # optax minimises: feed it -grad g, so its updates ascend g.
     updates, opt_state = tx.update(-ev0.grad_C, tx.init(lam0), lam0)
     init = _Loop(
-        it=jnp.asarray(1, jnp.int32), lam=lam0, ev=ev0, step=jnp.asarray(1.0, jnp.float32),
-        radius=jnp.asarray(0.0, jnp.float32), opt_state=opt_state, updates=updates,
-        done=_finished(lam0, ev0, prob, upper, tol),
+        it=jnp.asarray(1, jnp.int32), lam=lam0, ev=ev0, step=jnp.asarray(1.0, lam0.dtype),
+        radius=jnp.asarray(0.0, lam0.dtype), opt_state=opt_state, updates=updates,
+        done=_finished(lam0, ev0, prob, upper, tol) | skip,
     )
 
     def body(st: _Loop) -> _Loop:
@@ -238,20 +276,71 @@ def _pga_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda) -> _Loop:
 
 
 _DEFAULT_MAX_ITER = {"newton": 100, "pga": 2000}
+_LOOPS = {"newton": _newton_loop, "pga": _pga_loop}
 
 
-def _solve(log_q, cons, tol, hardness, max_lambda, *, method, max_iter, factorise=True):
-    prob = dual.make_problem(log_q, cons, hardness, factorise=factorise)
-    lam0 = jnp.zeros(cons.a.shape[0], jnp.float32)
-    loop = {"newton": _newton_loop, "pga": _pga_loop}[method]
-    st = loop(prob, lam0, tol, max_iter, max_lambda)
-    p, _ = dual._latent(st.lam, prob)
+# ----------------------------------------------------------------------------- invalid inputs
+
+
+def _sanitise(cons: LinearConstraints, hardness, tol, max_lambda, dtype):
+    """Finite stand-ins for invalid traced inputs, and one validity flag per argument.
+
+    Eager calls raise on these inputs (:func:`_check`); under ``jit`` the solve runs on the
+    stand-ins (no iteration) and reports ``feasible = converged = False``. The checks are also
+    ``checkify.debug_check``s, which ``checkify.checkify(..., errors=checkify.user_checks)``
+    turns into errors naming the argument.
+    """
+    s = jnp.asarray(hardness, dtype)
+    tol = jnp.asarray(tol, dtype)
+    max_lambda = jnp.asarray(max_lambda, dtype)
+    a, b, beta = (x.astype(dtype) for x in (cons.a, cons.b, cons.beta))
+    mask = cons.mask.astype(bool)
+    ok = {
+        "hardness must be finite and > 0": jnp.isfinite(s) & (s > 0),
+        "tol must be >= 0": tol >= 0,
+        "max_lambda must be > 0": max_lambda > 0,
+        "cons.a must be finite": jnp.all(jnp.isfinite(a)),
+        "cons.b must be finite": jnp.all(jnp.isfinite(b)),
+        "cons.beta must be >= 0 (inf = hard)": jnp.all(beta >= 0),
+        "cons.mask must allow at least one label": jnp.any(mask),
+    }
+    weights = cons.weights
+    if weights is not None:
+        weights = weights.astype(dtype)
+        ok["cons.weights must be finite"] = jnp.all(jnp.isfinite(weights))
+        weights = jnp.where(jnp.isfinite(weights), weights, 0.0)
+    for message, flag in ok.items():
+        checkify.debug_check(flag, "solve: " + message)
+    safe = LinearConstraints(
+        a=jnp.where(jnp.isfinite(a), a, 0.0), b=jnp.where(jnp.isfinite(b), b, 0.0),
+        beta=jnp.where(beta >= 0, beta, 0.0), mask=jnp.where(jnp.any(mask), mask, True),
+        weights=weights)
+    valid = functools.reduce(jnp.logical_and, ok.values())
+    return (safe, jnp.where(ok["hardness must be finite and > 0"], s, 1.0),
+            jnp.where(tol >= 0, tol, 0.0), jnp.where(max_lambda > 0, max_lambda, 1e6), valid)
+
+
+# ----------------------------------------------------------------------------- one image
+
+
+def _forward(method, max_iter, keep, factorise, log_q, cons, hardness, tol, max_lambda, lam0):
+    """The solve of one image on ``keep`` label columns (see :func:`solve`)."""
+    dtype = dual.working_dtype(log_q)
+    cons, s, tol, max_lambda, valid = _sanitise(cons, hardness, tol, max_lambda, dtype)
+    prob = dual.make_problem(log_q, cons, s, factorise=factorise, keep=keep)
+    checkify.debug_check(prob.scores_ok, "solve: log_q contains NaN or +inf (or s * log_q "
+                         "overflows); expected finite logits or log-probabilities")
+    valid = valid & prob.scores_ok
+    upper = _upper(prob, max_lambda)
+    lam0 = lam0.astype(dtype)
+    lam0 = jnp.where(jnp.isfinite(lam0), jnp.clip(lam0, 0.0, upper), 0.0)
+    st = _LOOPS[method](prob, lam0, tol, max_iter, max_lambda, ~valid)
+    p = dual.scatter_labels(dual.latent(st.lam, prob), prob, log_q.shape[-1])
     value = st.ev.value_C  # s(P) at the final lambda, from the loop's last accepted evaluation
     gap, violation = dual.gap_and_violation(st.lam, value, prob)
-    upper = _upper(prob, max_lambda)
     hard = jnp.isinf(prob.beta_C)
     at_cap = hard & (st.lam >= 0.5 * max_lambda) & (prob.b_C - value > tol)
-    feasible = ~(jnp.any(at_cap) | _infeasible(st.lam, prob, tol))
+    feasible = ~(jnp.any(at_cap) | _infeasible(st.lam, prob, tol)) & valid
     converged = _converged(st.lam, st.ev, prob, upper, tol) & feasible
     info = SolveInfo(
         iterations=st.it, max_violation=violation, gap=gap, converged=converged,
@@ -260,31 +349,171 @@ def _solve(log_q, cons, tol, hardness, max_lambda, *, method, max_iter, factoris
     return Solution(lam=st.lam, p=p.reshape(log_q.shape), info=info)
 
 
+_solve_image = jax.custom_jvp(_forward, nondiff_argnums=(0, 1, 2, 3))
+
+
+def _free_solve(m_CxC: Array, free_C: Array, rhs_C: Array) -> Array:
+    """Least-squares minimum-norm solution of M_FF x_F = rhs_F (x = 0 off F), by eigh."""
+    both = free_C[:, None] & free_C[None, :]
+    evals, evecs = jnp.linalg.eigh(jnp.where(both, m_CxC, 0.0))
+    cutoff = 10.0 * m_CxC.shape[0] * _eps(m_CxC.dtype) * jnp.max(jnp.abs(evals))
+    inv = jnp.where(evals > cutoff, 1.0 / jnp.where(evals > cutoff, evals, 1.0), 0.0)
+    return jnp.where(free_C, evecs @ (inv * (evecs.T @ jnp.where(free_C, rhs_C, 0.0))), 0.0)
+
+
+@_solve_image.defjvp
+def _solve_image_jvp(method, max_iter, keep, factorise, primals, tangents):
+    r"""Implicit differentiation at the optimum (see the module doc for the equations)."""
+    log_q, cons, hardness, tol, max_lambda, lam0 = primals
+    dlog_q, dcons, dhardness = tangents[:3]
+    sol = _solve_image(method, max_iter, keep, factorise, *primals)
+    dtype = sol.lam.dtype
+    safe, s, _, max_lambda, _ = _sanitise(cons, hardness, tol, max_lambda, dtype)
+    lam = sol.lam
+    upper = jnp.minimum(safe.beta, max_lambda)
+    at_upper = (lam >= upper) & (lam > 0)
+    free = (lam > 0) & ~at_upper
+    # rows at the upper bound beta (not the cap max_lambda) move with it
+    dlam_bound = jnp.where(at_upper & (safe.beta <= max_lambda), dcons.beta.astype(dtype), 0.0)
+
+    def outputs(lam, log_q, a, b, weights, s):
+        """P (N, K), s(P) and g at (lam, theta), on all K labels."""
+        prob = dual.make_problem(log_q, LinearConstraints(a, b, safe.beta, safe.mask, weights), s)
+        p, logz = dual._exact(lam, prob)
+        return p, dual.values(p, prob), lam @ prob.b_C - jnp.mean(logz) - prob.offset
+
+    theta = (log_q, safe.a, safe.b, safe.weights, s)
+    dtheta = (dlog_q, dcons.a, dcons.b, dcons.weights, dhardness)
+    (p, _, _), lin = jax.linearize(outputs, lam, *theta)
+    dp, dvalue, dg = lin(dlam_bound, *(None if x is None else jnp.asarray(t, x.dtype)
+                                       for t, x in zip(dtheta, theta, strict=True)))
+    prob = dual.make_problem(log_q, safe, s)  # cheap: a, w, hardness for the Hessian
+    m = dual.neg_hessian(p, prob.a_CxK, prob.w_CxN, prob.hardness)
+    dlam_free = _free_solve(m, free, dcons.b.astype(dtype) - dvalue)
+    # the lambda-direction of P in closed form: dP_i = s P_i * (t_i - P_i . t_i), t = A^T dlam
+    t = dual._shift(dlam_free, prob)
+    dp = dp + s * p * (t - jnp.sum(p * t, axis=-1, keepdims=True))
+    dg = dg + dlam_free @ (prob.b_C - dual.values(p, prob))
+    ok = sol.info.feasible
+    zero_if_bad = lambda x: jnp.where(ok, x, 0.0)  # noqa: E731
+    float0 = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)  # noqa: E731
+    info = sol.info
+    dinfo = SolveInfo(
+        iterations=float0(info.iterations), max_violation=jnp.zeros_like(info.max_violation),
+        gap=jnp.zeros_like(info.gap), converged=float0(info.converged),
+        feasible=float0(info.feasible), primal=zero_if_bad(dg), dual=zero_if_bad(dg))
+    dsol = Solution(lam=zero_if_bad(dlam_bound + dlam_free),
+                    p=zero_if_bad(dp).reshape(sol.p.shape).astype(sol.p.dtype), info=dinfo)
+    return sol, dsol
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _label_buckets(k: int) -> tuple[int, ...]:
+    """Column counts a problem is solved on: the smallest that holds its allowed labels.
+
+    Each is a branch of the compiled solver (compile time grows with their number), so small
+    label sets, where dropping columns saves little, keep all K.
+    """
+    if k <= 6:
+        return (k,)
+    return (4, k) if k <= 12 else (4, 8, k)
+
+
+def _bucket_index(mask_K: Array, buckets: tuple[int, ...]) -> Array:
+    mask_K = mask_K.astype(bool)
+    allowed = jnp.where(jnp.any(mask_K), jnp.sum(mask_K), mask_K.shape[-1])
+    return sum((allowed > b).astype(jnp.int32) for b in buckets[:-1])
+
+
+def _solve_one(log_q, cons, hardness, tol, max_lambda, lam0, *, method, max_iter, factorise):
+    """One image: the branch whose column count holds the allowed labels."""
+    buckets = _label_buckets(log_q.shape[-1])
+    branches = [functools.partial(_solve_image, method, max_iter, keep, factorise)
+                for keep in buckets]
+    args = (log_q, cons, hardness, tol, max_lambda, lam0)
+    if len(branches) == 1:
+        return branches[0](*args)
+    return jax.lax.switch(_bucket_index(cons.mask, buckets), branches, *args)
+
+
+def _zeros_lam(log_q, cons, batched: bool):
+    dtype = dual.working_dtype(log_q)
+    return jnp.zeros(cons.a.shape[: 2 if batched else 1], dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("method", "max_iter"))
-def _solve_jit(log_q, cons, tol, hardness, max_lambda, *, method, max_iter):
-    return _solve(log_q, cons, tol, hardness, max_lambda, method=method, max_iter=max_iter)
+def _solve_jit(log_q, cons, tol, hardness, max_lambda, lam0, *, method, max_iter):
+    lam0 = _zeros_lam(log_q, cons, False) if lam0 is None else lam0
+    return _solve_one(log_q, cons, hardness, tol, max_lambda, lam0, method=method,
+                      max_iter=max_iter, factorise=True)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "max_iter", "sequential"))
-def _solve_batch_jit(log_q, cons, tol, hardness, max_lambda, *, method, max_iter, sequential):
-    fn = functools.partial(_solve, method=method, max_iter=max_iter, factorise=sequential)
+def _solve_batch_jit(log_q, cons, tol, hardness, max_lambda, lam0, *, method, max_iter,
+                     sequential):
+    lam0 = _zeros_lam(log_q, cons, True) if lam0 is None else lam0
     if sequential:
-        return jax.lax.map(lambda x: fn(*x, tol, hardness, max_lambda), (log_q, cons))
-    return jax.vmap(fn, in_axes=(0, 0, None, None, None))(log_q, cons, tol, hardness, max_lambda)
+        return jax.lax.map(
+            lambda x: _solve_one(*x[:2], hardness, tol, max_lambda, x[2], method=method,
+                                 max_iter=max_iter, factorise=True), (log_q, cons, lam0))
+    # lockstep: one column count for the whole batch (the largest any image needs)
+    buckets = _label_buckets(log_q.shape[-1])
+    branches = [jax.vmap(functools.partial(_solve_image, method, max_iter, keep, False),
+                         in_axes=(0, 0, None, None, None, 0)) for keep in buckets]
+    args = (log_q, cons, hardness, tol, max_lambda, lam0)
+    if len(branches) == 1:
+        return branches[0](*args)
+    index = jnp.max(jax.vmap(lambda m: _bucket_index(m, buckets))(cons.mask))
+    return jax.lax.switch(index, branches, *args)
+
+
+# ----------------------------------------------------------------------------- validation
 
 
 def _is_concrete(x) -> bool:
     return isinstance(x, np.ndarray | jax.Array) and not isinstance(x, jax.core.Tracer)
 
 
-def _check(log_q, cons: LinearConstraints, method, batched: bool) -> None:
-    """Eager validation at the API boundary; skipped for traced arguments."""
+def _scalar_value(x) -> float | None:
+    """The value of a concrete scalar argument, or None if traced."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return float(np.asarray(x))
+
+
+def _check(log_q, cons: LinearConstraints, method, batched: bool, *, tol, max_iter, hardness,
+           max_lambda, lam0) -> None:
+    """Eager validation at the API boundary; value checks are skipped for traced arguments."""
     if method not in _DEFAULT_MAX_ITER:
         raise ValueError(f"solve: method must be 'newton' or 'pga', got {method!r}")
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
+                                 or max_iter < 1):
+        raise ValueError(f"solve: max_iter must be an integer >= 1 (or None for the default), "
+                         f"got {max_iter!r}")
+    for name, value, ok, allowed in (
+        ("tol", tol, lambda v: v >= 0, ">= 0"),
+        ("hardness", hardness, lambda v: np.isfinite(v) and v > 0, "finite and > 0"),
+        ("max_lambda", max_lambda, lambda v: np.isfinite(v) and v > 0, "finite and > 0"),
+    ):
+        if np.ndim(value) != 0:
+            raise ValueError(f"solve: {name} must be a scalar, got shape {np.shape(value)}")
+        v = _scalar_value(value)
+        if v is not None and not ok(v):
+            raise ValueError(f"solve: {name} must be {allowed}, got {v}")
+    if not isinstance(log_q, np.ndarray | jax.Array):
+        raise ValueError(f"solve: log_q must be a numpy or jax array of shape (*pixels, K), got "
+                         f"{type(log_q).__name__}")
+    if not jnp.issubdtype(log_q.dtype, jnp.floating):
+        raise ValueError(f"solve: log_q must be floating point, got dtype {log_q.dtype}")
     lead = 1 if batched else 0
     if cons.a.ndim != 2 + lead:
         want = "(B, C, K)" if batched else "(C, K)"
         raise ValueError(f"cons.a must have shape {want}, got {cons.a.shape}")
+    if cons.a.shape[-2] == 0:
+        raise ValueError("cons has C = 0 rows; solve needs at least one (an inert row is a = 0, "
+                         "b = 0)")
     k = cons.a.shape[-1]
     if log_q.ndim < 2 + lead or log_q.shape[-1] != k:
         want = "(B, *pixels, K)" if batched else "(*pixels, K)"
@@ -297,6 +526,14 @@ def _check(log_q, cons: LinearConstraints, method, batched: bool) -> None:
         if tuple(cons.weights.shape) != want:
             raise ValueError(f"cons.weights must have shape {want} (C, *pixels), "
                              f"got {cons.weights.shape}")
+    if lam0 is not None:
+        want = tuple(cons.a.shape[:-1])
+        if tuple(np.shape(lam0)) != want:
+            form = "(B, C)" if batched else "(C,)"
+            raise ValueError(f"solve: lam0 must have shape {want} {form}, like the multipliers, "
+                             f"got {tuple(np.shape(lam0))}")
+        if _is_concrete(lam0) and not bool(jnp.all(jnp.isfinite(lam0))):
+            raise ValueError("solve: lam0 must be finite (it is clipped into the box)")
     if _is_concrete(log_q):
         if bool(jnp.any(jnp.isnan(log_q) | (log_q == jnp.inf))):  # reduced on device
             raise ValueError("log_q contains NaN or +inf; expected finite logits or "
@@ -305,7 +542,7 @@ def _check(log_q, cons: LinearConstraints, method, batched: bool) -> None:
 
 def solve(log_q: Array, cons: LinearConstraints, *, method: str = "newton", tol: float = 1e-6,
           max_iter: int | None = None, hardness: float = 1.0,
-          max_lambda: float = 1e6) -> Solution:
+          max_lambda: float = 1e6, lam0: Array | None = None) -> Solution:
     r"""Finds the P closest to Q in KL under ``cons``, by maximising the concave dual on its box.
 
     .. math::
@@ -315,39 +552,65 @@ def solve(log_q: Array, cons: LinearConstraints, *, method: str = "newton", tol:
 
     Args:
       log_q: (*pixels, K) log-probabilities or logits of one image, e.g. (H, W, K) or (N, K).
-      cons: ``LinearConstraints`` over K labels (weights, if any, shaped (C, *pixels)).
+        float64 scores (with ``jax_enable_x64``) are solved in float64, others in float32.
+      cons: ``LinearConstraints`` over K labels (weights, if any, shaped (C, *pixels)); C >= 1.
       method: ``"newton"`` (projected Newton, default) or ``"pga"`` (projected gradient with
         Barzilai-Borwein steps, written with optax).
-      tol: KKT-residual tolerance (in fractions of the image) and relative-gap tolerance.
-      max_iter: evaluations of the dual at most (default 100 for newton, 2000 for pga).
-      hardness: inverse temperature s (1 = KL; CCNN used 1000 with size constraints).
-      max_lambda: cap on hard-row multipliers; reaching it while violated means infeasible.
+      tol: KKT-residual tolerance (in fractions of the image) and relative-gap tolerance, >= 0.
+      max_iter: evaluations of the dual at most, >= 1 (default 100 for newton, 2000 for pga).
+      hardness: inverse temperature s, finite and > 0 (1 = KL; CCNN used 1000 with size
+        constraints).
+      max_lambda: cap on hard-row multipliers (> 0); reaching it while violated means
+        infeasible.
+      lam0: (C,) warm start, e.g. the multipliers of the previous solve of the same image;
+        clipped into the box. Default zeros.
 
     Returns:
-      ``Solution(lam, p, info)``. jit- and vmap-able (``method``/``max_iter`` are static); for a
-      batch prefer :func:`solve_batch`: under ``vmap`` the factorised latent's branch runs on
-      both sides.
+      ``Solution(lam, p, info)``. jit- and vmap-able (``method``/``max_iter`` are static) and
+      differentiable: ``jax.grad``/``jax.jvp`` of any function of ``p``, ``lam``,
+      ``info.primal`` or ``info.dual`` w.r.t. ``log_q``, ``cons.a``, ``cons.b``,
+      ``cons.beta`` (rows at their upper bound), ``cons.weights`` and ``hardness`` use implicit
+      differentiation at the optimum (see :mod:`ccnn_jax.solvers`). For a batch prefer
+      :func:`solve_batch`: under ``vmap`` every label-count branch and both sides of the
+      factorised latent's test run.
+
+    Raises:
+      ValueError: naming the argument, for concrete invalid inputs. Traced invalid inputs
+      (under ``jit``) give ``feasible = converged = False`` with finite values instead.
+
+    >>> import jax.numpy as jnp
+    >>> from ccnn_jax import constraints
+    >>> cons = constraints.foreground(jnp.array([0.5, 0.0]))
+    >>> sol = solve(jnp.log(jnp.array([[0.9, 0.1], [0.8, 0.2]])), cons)
+    >>> [round(float(x), 3) for x in sol.p.mean(0)], bool(sol.info.converged)
+    ([0.5, 0.5], True)
     """
-    _check(log_q, cons, method, batched=False)
+    _check(log_q, cons, method, batched=False, tol=tol, max_iter=max_iter, hardness=hardness,
+           max_lambda=max_lambda, lam0=lam0)
     max_iter = max_iter or _DEFAULT_MAX_ITER[method]
-    return _solve_jit(log_q, cons, tol, hardness, max_lambda, method=method, max_iter=max_iter)
+    return _solve_jit(log_q, cons, tol, hardness, max_lambda, lam0, method=method,
+                      max_iter=max_iter)
 
 
 def solve_batch(log_q: Array, cons: LinearConstraints, *, method: str = "newton",
                 tol: float = 1e-6, max_iter: int | None = None, hardness: float = 1.0,
-                max_lambda: float = 1e6, sequential: bool | None = None) -> Solution:
-    """``solve`` mapped over a leading image axis of ``log_q`` and of every field of ``cons``.
+                max_lambda: float = 1e6, sequential: bool | None = None,
+                lam0: Array | None = None) -> Solution:
+    """``solve`` mapped over a leading image axis of ``log_q``, of every field of ``cons`` and of
+    ``lam0`` (B, C).
 
     ``sequential=False`` vmaps: the images run in lockstep, so each costs the batch's largest
-    iteration count, which suits accelerators. ``sequential=True`` solves one image after the
-    other (``lax.map``): each stops at its own iteration count and the factorised latent of
-    :func:`ccnn_jax.dual.make_problem` applies, which is faster on a CPU, whose cores are
-    already kept busy by one image's N x K arrays. ``None`` (default): sequential on the CPU
-    backend, vmapped elsewhere. The results agree to float32 rounding.
+    iteration count and column count, which suits accelerators. ``sequential=True`` solves one
+    image after the other (``lax.map``): each stops at its own iteration count, is solved on as
+    few label columns as it allows, and uses the factorised latent of
+    :func:`ccnn_jax.dual.make_problem`, which is faster on a CPU. ``None`` (default):
+    sequential on the CPU backend, vmapped elsewhere. The results agree to float32 rounding;
+    both are differentiable like :func:`solve`.
     """
-    _check(log_q, cons, method, batched=True)
+    _check(log_q, cons, method, batched=True, tol=tol, max_iter=max_iter, hardness=hardness,
+           max_lambda=max_lambda, lam0=lam0)
     max_iter = max_iter or _DEFAULT_MAX_ITER[method]
     if sequential is None:
         sequential = jax.default_backend() == "cpu"
-    return _solve_batch_jit(log_q, cons, tol, hardness, max_lambda, method=method,
+    return _solve_batch_jit(log_q, cons, tol, hardness, max_lambda, lam0, method=method,
                             max_iter=max_iter, sequential=bool(sequential))
