@@ -128,7 +128,7 @@ def kept_labels(mask_K: Array, keep: int) -> Array:
 
 
 def make_problem(log_q: Array, cons: LinearConstraints, hardness=1.0, factorise: bool = False,
-                 keep: int | None = None) -> Problem:
+                 keep: int | None = None, with_offset: bool = True) -> Problem:
     """Flattens ``log_q`` (*pixels, K) and ``cons.weights`` (C, *pixels) to N pixels.
 
     Args:
@@ -137,15 +137,22 @@ def make_problem(log_q: Array, cons: LinearConstraints, hardness=1.0, factorise:
         ``lax.cond``, which pays off only where it is not vmapped (under ``vmap`` both run).
       keep: keep only ``keep`` label columns, the allowed ones first (:func:`kept_labels`);
         exact when at most ``keep`` labels are allowed (the solver picks it so). P over the
-        kept columns goes back to K labels with :func:`scatter_labels`.
+        kept columns goes back to K labels with ``labels_K``.
+      with_offset: compute g's constant ``offset`` in full and ``scores_ok`` (an exponential
+        pass over all N x K scores); without, ``offset`` omits its lse term (it is
+        :math:`\frac{1}{sN}\sum_i m_i`, so g is short by :math:`\frac{1}{sN}\sum_i
+        \operatorname{lse}_l s f_{il}`, see :func:`mask_cost`) and ``scores_ok`` is True;
+        neither the differences nor the derivatives of g in lambda change.
     """
     k = log_q.shape[-1]
     dtype = working_dtype(log_q)
     s = jnp.asarray(hardness, dtype)
     raw_NxK = log_q.reshape(-1, k).astype(dtype)
-    # lse over every label of s f: NaN or +inf anywhere makes it non-finite (the validity flag)
-    lse0_N = jax.nn.logsumexp(s * jnp.maximum(raw_NxK, LOG_FLOOR), axis=-1)
-    scores_ok = jnp.all(jnp.isfinite(lse0_N))
+    scores_ok = True
+    if with_offset:
+        # lse over every label of s f: NaN or +inf anywhere makes it non-finite (the flag)
+        lse0_N = jax.nn.logsumexp(s * jnp.maximum(raw_NxK, LOG_FLOOR), axis=-1)
+        scores_ok = jnp.all(jnp.isfinite(lse0_N))
     mask = cons.mask.astype(bool)
     a = cons.a.astype(dtype)
     labels = None
@@ -158,7 +165,9 @@ def make_problem(log_q: Array, cons: LinearConstraints, hardness=1.0, factorise:
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     h = z - m[:, None]
     w = None if cons.weights is None else cons.weights.reshape(cons.a.shape[0], -1).astype(dtype)
-    offset = jnp.where(scores_ok, jnp.mean(m - lse0_N) / s, 0.0)
+    offset = jnp.mean(m) / s
+    if with_offset:
+        offset = jnp.where(scores_ok, jnp.mean(m - lse0_N) / s, 0.0)
     return Problem(
         h_NxK=h,
         e0_NxK=jnp.exp(h) if factorise and w is None else None,
@@ -172,6 +181,17 @@ def make_problem(log_q: Array, cons: LinearConstraints, hardness=1.0, factorise:
         labels_K=labels,
         scores_ok=scores_ok,
     )
+
+
+def mask_cost(log_q: Array, hardness) -> tuple[Array, Array]:
+    r"""The part of g's constant that ``make_problem(with_offset=False)`` leaves out,
+    :math:`\frac{1}{sN}\sum_i \operatorname{lse}_l s f_{il}` over all K labels, and whether it
+    is finite (``log_q`` holds no NaN or +inf, and ``s f`` does not overflow)."""
+    k = log_q.shape[-1]
+    raw_NxK = log_q.reshape(-1, k).astype(working_dtype(log_q))
+    lse0_N = jax.nn.logsumexp(hardness * jnp.maximum(raw_NxK, LOG_FLOOR), axis=-1)
+    ok = jnp.all(jnp.isfinite(lse0_N))
+    return jnp.where(ok, jnp.mean(lse0_N) / hardness, 0.0), ok
 
 
 def scatter_labels(p_NxKk: Array, prob: Problem, k: int) -> Array:
@@ -336,6 +356,24 @@ def infeasibility_slope(lam_C: Array, prob: Problem) -> Array:
     scores = _shift(d, prob)  # (K,) without weights: the same for every pixel
     top = jnp.max(jnp.where(prob.mask_K, scores, -jnp.inf), axis=-1)
     return (d @ prob.b_C - jnp.mean(top)) / (jnp.sum(d) + 1e-30)
+
+
+class Finish(NamedTuple):
+    """What a solve reports at its final lambda (see :func:`finish`)."""
+
+    p: Array  # P, shaped like log_q
+    value_C: Array  # s(P)
+    g: Array  # g(lambda)
+    scores_ok: Array  # log_q had no NaN / +inf
+
+
+def finish(lam_C: Array, log_q: Array, cons: LinearConstraints, hardness=1.0) -> Finish:
+    """P on all K labels, s(P) and g(lambda) in one exponential pass (and one more for the
+    constant of g, skipped by XLA when g is not used); differentiable in every argument."""
+    prob = make_problem(log_q, cons, hardness)
+    p, logz = _exact(lam_C, prob)
+    return Finish(p=p.reshape(log_q.shape), value_C=values(p, prob),
+                  g=lam_C @ prob.b_C - jnp.mean(logz) - prob.offset, scores_ok=prob.scores_ok)
 
 
 @jax.jit

@@ -110,9 +110,12 @@ def _residual(lam, grad, upper) -> Array:
 
 
 def _converged(lam, ev: dual.DualEval, prob, upper, tol) -> Array:
+    """KKT residual <= tol and |gap| <= tol relative to the size of its terms,
+    ``1 + sum_c lambda_c (|b_c| + |s_c|)`` (the gap is about lambda . residual once the residual
+    is small, so this asks no more than float32 can resolve; it needs no constant of g)."""
     gap, _ = dual.gap_and_violation(lam, ev.value_C, prob)
-    primal = ev.g + gap
-    return (_residual(lam, ev.grad_C, upper) <= tol) & (jnp.abs(gap) <= tol * (1 + jnp.abs(primal)))
+    scale = 1.0 + lam @ (jnp.abs(prob.b_C) + jnp.abs(ev.value_C))
+    return (_residual(lam, ev.grad_C, upper) <= tol) & (jnp.abs(gap) <= tol * scale)
 
 
 def _infeasible(lam, prob, tol) -> Array:
@@ -282,7 +285,7 @@ _LOOPS = {"newton": _newton_loop, "pga": _pga_loop}
 # ----------------------------------------------------------------------------- invalid inputs
 
 
-def _sanitise(cons: LinearConstraints, hardness, tol, max_lambda, dtype):
+def _sanitise(cons: LinearConstraints, hardness, tol, max_lambda, dtype, checks: bool = True):
     """Finite stand-ins for invalid traced inputs, and one validity flag per argument.
 
     Eager calls raise on these inputs (:func:`_check`); under ``jit`` the solve runs on the
@@ -309,7 +312,7 @@ def _sanitise(cons: LinearConstraints, hardness, tol, max_lambda, dtype):
         weights = weights.astype(dtype)
         ok["cons.weights must be finite"] = jnp.all(jnp.isfinite(weights))
         weights = jnp.where(jnp.isfinite(weights), weights, 0.0)
-    for message, flag in ok.items():
+    for message, flag in ok.items() if checks else ():
         checkify.debug_check(flag, "solve: " + message)
     safe = LinearConstraints(
         a=jnp.where(jnp.isfinite(a), a, 0.0), b=jnp.where(jnp.isfinite(b), b, 0.0),
@@ -323,33 +326,43 @@ def _sanitise(cons: LinearConstraints, hardness, tol, max_lambda, dtype):
 # ----------------------------------------------------------------------------- one image
 
 
-def _forward(method, max_iter, keep, factorise, log_q, cons, hardness, tol, max_lambda, lam0):
-    """The solve of one image on ``keep`` label columns (see :func:`solve`)."""
+class _Core(NamedTuple):
+    """What the loop decides for one image: the multipliers, its flags, and P, s(P) and g
+    (short of :func:`ccnn_jax.dual.mask_cost`) at the final lambda, from the loop's own
+    (factorised, kept-column) evaluation. Only ``lam`` carries a derivative (implicit, see
+    :func:`_core_jvp`); :func:`_report` differentiates P, s(P) and g itself."""
+
+    lam: Array
+    iterations: Array
+    converged: Array
+    feasible: Array
+    p: Array  # (N, K) P on all labels
+    value: Array  # (C,) s(P)
+    g_part: Array  # g(lambda) - mask_cost
+
+
+def _core_forward(method, max_iter, keep, factorise, log_q, cons, hardness, tol, max_lambda,
+                  lam0) -> _Core:
+    """The loop for one image on ``keep`` label columns (see :func:`solve`); P is formed after."""
     dtype = dual.working_dtype(log_q)
     cons, s, tol, max_lambda, valid = _sanitise(cons, hardness, tol, max_lambda, dtype)
-    prob = dual.make_problem(log_q, cons, s, factorise=factorise, keep=keep)
-    checkify.debug_check(prob.scores_ok, "solve: log_q contains NaN or +inf (or s * log_q "
-                         "overflows); expected finite logits or log-probabilities")
-    valid = valid & prob.scores_ok
+    prob = dual.make_problem(log_q, cons, s, factorise=factorise, keep=keep, with_offset=False)
     upper = _upper(prob, max_lambda)
     lam0 = lam0.astype(dtype)
     lam0 = jnp.where(jnp.isfinite(lam0), jnp.clip(lam0, 0.0, upper), 0.0)
     st = _LOOPS[method](prob, lam0, tol, max_iter, max_lambda, ~valid)
-    p = dual.scatter_labels(dual.latent(st.lam, prob), prob, log_q.shape[-1])
     value = st.ev.value_C  # s(P) at the final lambda, from the loop's last accepted evaluation
-    gap, violation = dual.gap_and_violation(st.lam, value, prob)
     hard = jnp.isinf(prob.beta_C)
     at_cap = hard & (st.lam >= 0.5 * max_lambda) & (prob.b_C - value > tol)
     feasible = ~(jnp.any(at_cap) | _infeasible(st.lam, prob, tol)) & valid
     converged = _converged(st.lam, st.ev, prob, upper, tol) & feasible
-    info = SolveInfo(
-        iterations=st.it, max_violation=violation, gap=gap, converged=converged,
-        feasible=feasible, primal=st.ev.g + gap, dual=st.ev.g,
-    )
-    return Solution(lam=st.lam, p=p.reshape(log_q.shape), info=info)
+    # P at the final lambda on the kept columns (factorised: no exponential), then all K labels
+    p = dual.scatter_labels(dual.latent(st.lam, prob), prob, log_q.shape[-1])
+    return _Core(lam=st.lam, iterations=st.it, converged=converged, feasible=feasible, p=p,
+                 value=value, g_part=st.ev.g)
 
 
-_solve_image = jax.custom_jvp(_forward, nondiff_argnums=(0, 1, 2, 3))
+_core = jax.custom_jvp(_core_forward, nondiff_argnums=(0, 1, 2, 3))
 
 
 def _free_solve(m_CxC: Array, free_C: Array, rhs_C: Array) -> Array:
@@ -361,50 +374,87 @@ def _free_solve(m_CxC: Array, free_C: Array, rhs_C: Array) -> Array:
     return jnp.where(free_C, evecs @ (inv * (evecs.T @ jnp.where(free_C, rhs_C, 0.0))), 0.0)
 
 
-@_solve_image.defjvp
-def _solve_image_jvp(method, max_iter, keep, factorise, primals, tangents):
-    r"""Implicit differentiation at the optimum (see the module doc for the equations)."""
+@_core.defjvp
+def _core_jvp(method, max_iter, keep, factorise, primals, tangents):
+    r"""d lambda by implicit differentiation at the optimum (see the module doc)."""
     log_q, cons, hardness, tol, max_lambda, lam0 = primals
     dlog_q, dcons, dhardness = tangents[:3]
-    sol = _solve_image(method, max_iter, keep, factorise, *primals)
-    dtype = sol.lam.dtype
-    safe, s, _, max_lambda, _ = _sanitise(cons, hardness, tol, max_lambda, dtype)
-    lam = sol.lam
+    core = _core(method, max_iter, keep, factorise, *primals)
+    lam = core.lam
+    dtype = lam.dtype
+    safe, s, _, max_lambda, _ = _sanitise(cons, hardness, tol, max_lambda, dtype, checks=False)
     upper = jnp.minimum(safe.beta, max_lambda)
     at_upper = (lam >= upper) & (lam > 0)
     free = (lam > 0) & ~at_upper
     # rows at the upper bound beta (not the cap max_lambda) move with it
     dlam_bound = jnp.where(at_upper & (safe.beta <= max_lambda), dcons.beta.astype(dtype), 0.0)
 
-    def outputs(lam, log_q, a, b, weights, s):
-        """P (N, K), s(P) and g at (lam, theta), on all K labels."""
-        prob = dual.make_problem(log_q, LinearConstraints(a, b, safe.beta, safe.mask, weights), s)
-        p, logz = dual._exact(lam, prob)
-        return p, dual.values(p, prob), lam @ prob.b_C - jnp.mean(logz) - prob.offset
+    def constraint_values(lam, log_q, a, weights, s):
+        """s(P(lambda, theta)) on all K labels, and P."""
+        rows = LinearConstraints(a, safe.b, safe.beta, safe.mask, weights)
+        prob = dual.make_problem(log_q, rows, s, with_offset=False)
+        p, _ = dual._exact(lam, prob)
+        return dual.values(p, prob), (p, prob)
 
-    theta = (log_q, safe.a, safe.b, safe.weights, s)
-    dtheta = (dlog_q, dcons.a, dcons.b, dcons.weights, dhardness)
-    (p, _, _), lin = jax.linearize(outputs, lam, *theta)
-    dp, dvalue, dg = lin(dlam_bound, *(None if x is None else jnp.asarray(t, x.dtype)
-                                       for t, x in zip(dtheta, theta, strict=True)))
-    prob = dual.make_problem(log_q, safe, s)  # cheap: a, w, hardness for the Hessian
+    theta = (log_q, safe.a, safe.weights, s)
+    dtheta = tuple(None if x is None else jnp.asarray(t, x.dtype) for t, x in
+                   zip((dlog_q, dcons.a, dcons.weights, dhardness), theta, strict=True))
+    _, dvalue, (p, prob) = jax.jvp(constraint_values, (lam, *theta), (dlam_bound, *dtheta),
+                                   has_aux=True)
     m = dual.neg_hessian(p, prob.a_CxK, prob.w_CxN, prob.hardness)
     dlam_free = _free_solve(m, free, dcons.b.astype(dtype) - dvalue)
-    # the lambda-direction of P in closed form: dP_i = s P_i * (t_i - P_i . t_i), t = A^T dlam
-    t = dual._shift(dlam_free, prob)
-    dp = dp + s * p * (t - jnp.sum(p * t, axis=-1, keepdims=True))
-    dg = dg + dlam_free @ (prob.b_C - dual.values(p, prob))
-    ok = sol.info.feasible
-    zero_if_bad = lambda x: jnp.where(ok, x, 0.0)  # noqa: E731
     float0 = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)  # noqa: E731
-    info = sol.info
-    dinfo = SolveInfo(
-        iterations=float0(info.iterations), max_violation=jnp.zeros_like(info.max_violation),
-        gap=jnp.zeros_like(info.gap), converged=float0(info.converged),
-        feasible=float0(info.feasible), primal=zero_if_bad(dg), dual=zero_if_bad(dg))
-    dsol = Solution(lam=zero_if_bad(dlam_bound + dlam_free),
-                    p=zero_if_bad(dp).reshape(sol.p.shape).astype(sol.p.dtype), info=dinfo)
-    return sol, dsol
+    dcore = _Core(lam=jnp.where(core.feasible, dlam_bound + dlam_free, 0.0),
+                  iterations=float0(core.iterations), converged=float0(core.converged),
+                  feasible=float0(core.feasible), p=jnp.zeros_like(core.p),
+                  value=jnp.zeros_like(core.value), g_part=jnp.zeros_like(core.g_part))
+    return core, dcore
+
+
+@jax.custom_jvp
+def _outputs(lam, log_q, cons, s, fast):
+    """P (shaped like ``log_q``), s(P) and g at the loop's lambda: the values are the loop's own
+    (``fast``: P, s(P), g), the derivatives those of :func:`ccnn_jax.dual.finish` (an exact
+    recomputation that runs only when differentiating)."""
+    del lam, s
+    p, value, g = fast
+    return p.reshape(log_q.shape), value, g
+
+
+@_outputs.defjvp
+def _outputs_jvp(primals, tangents):
+    lam, log_q, cons, s, fast = primals
+    dlam, dlog_q, dcons, ds, _ = tangents
+    _, dout = jax.jvp(lambda *x: tuple(dual.finish(*x)[:3]), (lam, log_q, cons, s),
+                      (dlam, dlog_q, dcons, ds))
+    return _outputs(lam, log_q, cons, s, fast), dout
+
+
+def _report(core: _Core, log_q, cons, hardness, tol, max_lambda) -> Solution:
+    """P, s(P), g and the certificate at the loop's lambda, on all K labels, from the loop's own
+    P (no exponential over the kept columns) plus one exponential pass over all labels for g's
+    constant and the check of ``log_q``. Differentiable through lambda (implicit,
+    :func:`_core_jvp`) and directly through the inputs (:func:`_outputs`); infeasible or invalid
+    images get zero derivatives."""
+    dtype = core.lam.dtype
+    safe, s, _, _, _ = _sanitise(cons, hardness, tol, max_lambda, dtype, checks=False)
+    mask_cost, scores_ok = dual.mask_cost(log_q, s)
+    checkify.debug_check(scores_ok, "solve: log_q contains NaN or +inf (or s * log_q "
+                         "overflows); expected finite logits or log-probabilities")
+    fast = jax.lax.stop_gradient((core.p.astype(dtype), core.value, core.g_part + mask_cost))
+    p, value, g = _outputs(core.lam, log_q, safe, s, fast)
+    ok = core.feasible & scores_ok
+    hold = lambda x: jnp.where(ok, x, jax.lax.stop_gradient(x))  # noqa: E731
+    b, beta = safe.b.astype(dtype), safe.beta.astype(dtype)
+    hard = jnp.isinf(beta)
+    shortfall = jnp.maximum(b - value, 0.0)
+    # hard rows (beta = inf) carry no penalty; 0 * inf would make their cotangents NaN
+    gap = jnp.sum(core.lam * (value - b) + jnp.where(hard, 0.0, beta) * shortfall)
+    info = SolveInfo(
+        iterations=core.iterations, max_violation=jnp.max(jnp.where(hard, shortfall, 0.0)),
+        gap=hold(gap), converged=core.converged & scores_ok, feasible=ok,
+        primal=hold(g + gap), dual=hold(g))
+    return Solution(lam=hold(core.lam), p=hold(p), info=info)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -427,11 +477,10 @@ def _bucket_index(mask_K: Array, buckets: tuple[int, ...]) -> Array:
     return sum((allowed > b).astype(jnp.int32) for b in buckets[:-1])
 
 
-def _solve_one(log_q, cons, hardness, tol, max_lambda, lam0, *, method, max_iter, factorise):
-    """One image: the branch whose column count holds the allowed labels."""
+def _core_one(log_q, cons, hardness, tol, max_lambda, lam0, *, method, max_iter, factorise):
+    """The loop for one image, in the branch whose column count holds its allowed labels."""
     buckets = _label_buckets(log_q.shape[-1])
-    branches = [functools.partial(_solve_image, method, max_iter, keep, factorise)
-                for keep in buckets]
+    branches = [functools.partial(_core, method, max_iter, keep, factorise) for keep in buckets]
     args = (log_q, cons, hardness, tol, max_lambda, lam0)
     if len(branches) == 1:
         return branches[0](*args)
@@ -446,8 +495,9 @@ def _zeros_lam(log_q, cons, batched: bool):
 @functools.partial(jax.jit, static_argnames=("method", "max_iter"))
 def _solve_jit(log_q, cons, tol, hardness, max_lambda, lam0, *, method, max_iter):
     lam0 = _zeros_lam(log_q, cons, False) if lam0 is None else lam0
-    return _solve_one(log_q, cons, hardness, tol, max_lambda, lam0, method=method,
-                      max_iter=max_iter, factorise=True)
+    core = _core_one(log_q, cons, hardness, tol, max_lambda, lam0, method=method,
+                     max_iter=max_iter, factorise=True)
+    return _report(core, log_q, cons, hardness, tol, max_lambda)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "max_iter", "sequential"))
@@ -455,18 +505,24 @@ def _solve_batch_jit(log_q, cons, tol, hardness, max_lambda, lam0, *, method, ma
                      sequential):
     lam0 = _zeros_lam(log_q, cons, True) if lam0 is None else lam0
     if sequential:
-        return jax.lax.map(
-            lambda x: _solve_one(*x[:2], hardness, tol, max_lambda, x[2], method=method,
-                                 max_iter=max_iter, factorise=True), (log_q, cons, lam0))
-    # lockstep: one column count for the whole batch (the largest any image needs)
-    buckets = _label_buckets(log_q.shape[-1])
-    branches = [jax.vmap(functools.partial(_solve_image, method, max_iter, keep, False),
-                         in_axes=(0, 0, None, None, None, 0)) for keep in buckets]
-    args = (log_q, cons, hardness, tol, max_lambda, lam0)
-    if len(branches) == 1:
-        return branches[0](*args)
-    index = jnp.max(jax.vmap(lambda m: _bucket_index(m, buckets))(cons.mask))
-    return jax.lax.switch(index, branches, *args)
+        # one image after the other; only lambda and the flags leave the loop
+        core = jax.lax.map(
+            lambda x: _core_one(*x[:2], hardness, tol, max_lambda, x[2], method=method,
+                                max_iter=max_iter, factorise=True), (log_q, cons, lam0))
+    else:
+        # lockstep: one column count for the whole batch (the largest any image needs)
+        buckets = _label_buckets(log_q.shape[-1])
+        branches = [jax.vmap(functools.partial(_core, method, max_iter, keep, False),
+                             in_axes=(0, 0, None, None, None, 0)) for keep in buckets]
+        args = (log_q, cons, hardness, tol, max_lambda, lam0)
+        if len(branches) == 1:
+            core = branches[0](*args)
+        else:
+            index = jnp.max(jax.vmap(lambda m: _bucket_index(m, buckets))(cons.mask))
+            core = jax.lax.switch(index, branches, *args)
+    # P and the report for the whole batch at once, outside the loop
+    return jax.vmap(_report, in_axes=(0, 0, 0, None, None, None))(core, log_q, cons, hardness,
+                                                                   tol, max_lambda)
 
 
 # ----------------------------------------------------------------------------- validation
