@@ -208,8 +208,9 @@ def foreground(alpha: Array, beta: Array | float = jnp.inf, mask: Array | None =
     )
 
 
-def box(box_mask: Array, label: int, num_labels: int, *, fraction: float = 0.75,
-        beta: float = jnp.inf) -> LinearConstraints:
+def box(
+    box_mask: Array, label: int, num_labels: int, *, fraction: float = 0.75, beta: float = jnp.inf
+) -> LinearConstraints:
     r"""At least ``fraction`` of the box's pixels take ``label`` (the paper's bounding boxes).
 
     The row is :math:`\frac1N\sum_i [i \in box] P_i(label) \ge fraction \cdot |box| / N`,

@@ -127,8 +127,14 @@ def kept_labels(mask_K: Array, keep: int) -> Array:
     return jnp.argsort(~mask_K.astype(bool), stable=True)[:keep]
 
 
-def make_problem(log_q: Array, cons: LinearConstraints, hardness=1.0, factorise: bool = False,
-                 keep: int | None = None, with_offset: bool = True) -> Problem:
+def make_problem(
+    log_q: Array,
+    cons: LinearConstraints,
+    hardness=1.0,
+    factorise: bool = False,
+    keep: int | None = None,
+    with_offset: bool = True,
+) -> Problem:
     """Flattens ``log_q`` (*pixels, K) and ``cons.weights`` (C, *pixels) to N pixels.
 
     Args:
@@ -140,8 +146,8 @@ def make_problem(log_q: Array, cons: LinearConstraints, hardness=1.0, factorise:
         kept columns goes back to K labels with ``labels_K``.
       with_offset: compute g's constant ``offset`` in full and ``scores_ok`` (an exponential
         pass over all N x K scores); without, ``offset`` omits its lse term (it is
-        :math:`\frac{1}{sN}\sum_i m_i`, so g is short by :math:`\frac{1}{sN}\sum_i
-        \operatorname{lse}_l s f_{il}`, see :func:`mask_cost`) and ``scores_ok`` is True;
+        :math:`\frac{1}{sN}\\sum_i m_i`, so g is short by :math:`\frac{1}{sN}\\sum_i
+        \\operatorname{lse}_l s f_{il}`, see :func:`mask_cost`) and ``scores_ok`` is True;
         neither the differences nor the derivatives of g in lambda change.
     """
     k = log_q.shape[-1]
@@ -242,9 +248,11 @@ def latent(lam_C: Array, prob: Problem) -> Array:
     if prob.e0_NxK is None:
         return _exact(lam_C, prob)[0]
     u_K, d_N, _, span = _factors(lam_C, prob)
-    return jax.lax.cond(span <= FACTOR_SPAN,
-                        lambda: prob.e0_NxK * u_K / d_N[:, None],
-                        lambda: _exact(lam_C, prob)[0])
+    return jax.lax.cond(
+        span <= FACTOR_SPAN,
+        lambda: prob.e0_NxK * u_K / d_N[:, None],
+        lambda: _exact(lam_C, prob)[0],
+    )
 
 
 def values(p_NxK: Array, prob: Problem) -> Array:
@@ -294,8 +302,13 @@ def neg_hessian(p_NxK: Array, a_CxK: Array, w_CxN: Array | None, hardness) -> Ar
 
 
 def _dual_eval(lam_C, prob, value_C, logz_N, hess) -> DualEval:
-    return DualEval(g=lam_C @ prob.b_C - jnp.mean(logz_N) - prob.offset,
-                    grad_C=prob.b_C - value_C, value_C=value_C, neg_hess_CxC=hess, logz_N=logz_N)
+    return DualEval(
+        g=lam_C @ prob.b_C - jnp.mean(logz_N) - prob.offset,
+        grad_C=prob.b_C - value_C,
+        value_C=value_C,
+        neg_hess_CxC=hess,
+        logz_N=logz_N,
+    )
 
 
 def _evaluate_exact(lam_C: Array, prob: Problem, with_hessian: bool) -> DualEval:
@@ -326,8 +339,9 @@ def evaluate(lam_C: Array, prob: Problem, with_hessian: bool = True) -> DualEval
         hess = _laplacian_hessian(p.T @ p / n, prob.a_CxK, prob.hardness)
         return _dual_eval(lam_C, prob, prob.a_CxK @ p.mean(axis=0), logz, hess)
 
-    return jax.lax.cond(span <= FACTOR_SPAN, factorised,
-                        lambda: _evaluate_exact(lam_C, prob, with_hessian))
+    return jax.lax.cond(
+        span <= FACTOR_SPAN, factorised, lambda: _evaluate_exact(lam_C, prob, with_hessian)
+    )
 
 
 def rise(new: DualEval, old: DualEval, lam_new: Array, lam_old: Array, prob: Problem) -> Array:
@@ -372,8 +386,12 @@ def finish(lam_C: Array, log_q: Array, cons: LinearConstraints, hardness=1.0) ->
     constant of g, skipped by XLA when g is not used); differentiable in every argument."""
     prob = make_problem(log_q, cons, hardness)
     p, logz = _exact(lam_C, prob)
-    return Finish(p=p.reshape(log_q.shape), value_C=values(p, prob),
-                  g=lam_C @ prob.b_C - jnp.mean(logz) - prob.offset, scores_ok=prob.scores_ok)
+    return Finish(
+        p=p.reshape(log_q.shape),
+        value_C=values(p, prob),
+        g=lam_C @ prob.b_C - jnp.mean(logz) - prob.offset,
+        scores_ok=prob.scores_ok,
+    )
 
 
 @jax.jit

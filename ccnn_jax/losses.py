@@ -89,7 +89,10 @@ def ccnn_loss(
         )(safe_tags_BxK, safe_size_BxK)
         hardness = constraints_lib.SIZE_HARDNESS if hardness is None else hardness
     sol = solvers.solve_batch(
-        jax.lax.stop_gradient(log_q), cons, method=method, hardness=hardness,
+        jax.lax.stop_gradient(log_q),
+        cons,
+        method=method,
+        hardness=hardness,
         **(solver_kwargs or {}),
     )
     p = jax.lax.stop_gradient(jnp.where(real_B[:, None, None, None], sol.p, jnp.exp(log_q)))
@@ -143,7 +146,5 @@ def supervised_loss(
     labeled = (mask_BxHxW >= 0) & (mask_BxHxW < k)
     weight = labeled.astype(jnp.float32) * valid_B.astype(jnp.float32)[:, None, None]
     labels = jnp.where(labeled, mask_BxHxW, 0)
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxHxWxK.astype(jnp.float32), labels
-    )
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxHxWxK.astype(jnp.float32), labels)
     return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0), {}

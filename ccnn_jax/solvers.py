@@ -182,8 +182,13 @@ def _newton_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda, skip) -> _
         return 1e-6 * jnp.max(jnp.diag(ev.neg_hess_CxC)) + 1e-12
 
     init = _Loop(
-        it=jnp.asarray(1, jnp.int32), lam=lam0, ev=ev0, step=mu_floor(ev0),
-        radius=_initial_radius(prob), opt_state=(), updates=jnp.zeros_like(lam0),
+        it=jnp.asarray(1, jnp.int32),
+        lam=lam0,
+        ev=ev0,
+        step=mu_floor(ev0),
+        radius=_initial_radius(prob),
+        opt_state=(),
+        updates=jnp.zeros_like(lam0),
         done=_finished(lam0, ev0, prob, upper, tol) | skip,
     )
 
@@ -225,7 +230,8 @@ def scale_by_barzilai_borwein(alpha_init: Array, min_alpha=1e-10, max_alpha=1e10
 
     def init_fn(params):
         return BarzilaiBorweinState(
-            prev_params=params, prev_grads=jnp.zeros_like(params),
+            prev_params=params,
+            prev_grads=jnp.zeros_like(params),
             alpha=jnp.asarray(alpha_init, params.dtype),
         )
 
@@ -248,19 +254,26 @@ def _pga_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda, skip) -> _Loo
         lip = jnp.max(jnp.sum(prob.a_CxK**2, axis=0))
     else:
         lip = jnp.max(jnp.einsum("ci,cl->il", prob.w_CxN**2, prob.a_CxK**2))
-    tx = optax.chain(scale_by_barzilai_borwein(1.0 / (prob.hardness * lip + 1e-12)),
-                     optax.scale(-1.0))
+    tx = optax.chain(
+        scale_by_barzilai_borwein(1.0 / (prob.hardness * lip + 1e-12)), optax.scale(-1.0)
+    )
     # optax minimises: feed it -grad g, so its updates ascend g.
     updates, opt_state = tx.update(-ev0.grad_C, tx.init(lam0), lam0)
     init = _Loop(
-        it=jnp.asarray(1, jnp.int32), lam=lam0, ev=ev0, step=jnp.asarray(1.0, lam0.dtype),
-        radius=jnp.asarray(0.0, lam0.dtype), opt_state=opt_state, updates=updates,
+        it=jnp.asarray(1, jnp.int32),
+        lam=lam0,
+        ev=ev0,
+        step=jnp.asarray(1.0, lam0.dtype),
+        radius=jnp.asarray(0.0, lam0.dtype),
+        opt_state=opt_state,
+        updates=updates,
         done=_finished(lam0, ev0, prob, upper, tol) | skip,
     )
 
     def body(st: _Loop) -> _Loop:
         lam_new = optax.projections.projection_box(
-            optax.apply_updates(st.lam, st.step * st.updates), 0.0, upper)
+            optax.apply_updates(st.lam, st.step * st.updates), 0.0, upper
+        )
         ev_new = dual.evaluate(lam_new, prob, with_hessian=False)
         ok = _accept(ev_new, st.ev, lam_new, st.lam, prob, upper)
         new_updates, new_opt_state = tx.update(-ev_new.grad_C, st.opt_state, lam_new)
@@ -269,7 +282,10 @@ def _pga_loop(prob: dual.Problem, lam0, tol, max_iter, max_lambda, skip) -> _Loo
         ev = jax.tree.map(pick, ev_new, st.ev)
         stuck = jnp.max(jnp.abs(lam_new - st.lam)) <= 1e-30
         return st._replace(
-            it=st.it + 1, lam=lam, ev=ev, step=jnp.where(ok, 1.0, st.step * 0.25),
+            it=st.it + 1,
+            lam=lam,
+            ev=ev,
+            step=jnp.where(ok, 1.0, st.step * 0.25),
             opt_state=jax.tree.map(pick, new_opt_state, st.opt_state),
             updates=pick(new_updates, st.updates),
             done=_finished(lam, ev, prob, upper, tol) | stuck,
@@ -315,12 +331,20 @@ def _sanitise(cons: LinearConstraints, hardness, tol, max_lambda, dtype, checks:
     for message, flag in ok.items() if checks else ():
         checkify.debug_check(flag, "solve: " + message)
     safe = LinearConstraints(
-        a=jnp.where(jnp.isfinite(a), a, 0.0), b=jnp.where(jnp.isfinite(b), b, 0.0),
-        beta=jnp.where(beta >= 0, beta, 0.0), mask=jnp.where(jnp.any(mask), mask, True),
-        weights=weights)
+        a=jnp.where(jnp.isfinite(a), a, 0.0),
+        b=jnp.where(jnp.isfinite(b), b, 0.0),
+        beta=jnp.where(beta >= 0, beta, 0.0),
+        mask=jnp.where(jnp.any(mask), mask, True),
+        weights=weights,
+    )
     valid = functools.reduce(jnp.logical_and, ok.values())
-    return (safe, jnp.where(ok["hardness must be finite and > 0"], s, 1.0),
-            jnp.where(tol >= 0, tol, 0.0), jnp.where(max_lambda > 0, max_lambda, 1e6), valid)
+    return (
+        safe,
+        jnp.where(ok["hardness must be finite and > 0"], s, 1.0),
+        jnp.where(tol >= 0, tol, 0.0),
+        jnp.where(max_lambda > 0, max_lambda, 1e6),
+        valid,
+    )
 
 
 # ----------------------------------------------------------------------------- one image
@@ -341,8 +365,9 @@ class _Core(NamedTuple):
     g_part: Array  # g(lambda) - mask_cost
 
 
-def _core_forward(method, max_iter, keep, factorise, log_q, cons, hardness, tol, max_lambda,
-                  lam0) -> _Core:
+def _core_forward(
+    method, max_iter, keep, factorise, log_q, cons, hardness, tol, max_lambda, lam0
+) -> _Core:
     """The loop for one image on ``keep`` label columns (see :func:`solve`); P is formed after."""
     dtype = dual.working_dtype(log_q)
     cons, s, tol, max_lambda, valid = _sanitise(cons, hardness, tol, max_lambda, dtype)
@@ -358,8 +383,15 @@ def _core_forward(method, max_iter, keep, factorise, log_q, cons, hardness, tol,
     converged = _converged(st.lam, st.ev, prob, upper, tol) & feasible
     # P at the final lambda on the kept columns (factorised: no exponential), then all K labels
     p = dual.scatter_labels(dual.latent(st.lam, prob), prob, log_q.shape[-1])
-    return _Core(lam=st.lam, iterations=st.it, converged=converged, feasible=feasible, p=p,
-                 value=value, g_part=st.ev.g)
+    return _Core(
+        lam=st.lam,
+        iterations=st.it,
+        converged=converged,
+        feasible=feasible,
+        p=p,
+        value=value,
+        g_part=st.ev.g,
+    )
 
 
 _core = jax.custom_jvp(_core_forward, nondiff_argnums=(0, 1, 2, 3))
@@ -397,17 +429,25 @@ def _core_jvp(method, max_iter, keep, factorise, primals, tangents):
         return dual.values(p, prob), (p, prob)
 
     theta = (log_q, safe.a, safe.weights, s)
-    dtheta = tuple(None if x is None else jnp.asarray(t, x.dtype) for t, x in
-                   zip((dlog_q, dcons.a, dcons.weights, dhardness), theta, strict=True))
-    _, dvalue, (p, prob) = jax.jvp(constraint_values, (lam, *theta), (dlam_bound, *dtheta),
-                                   has_aux=True)
+    dtheta = tuple(
+        None if x is None else jnp.asarray(t, x.dtype)
+        for t, x in zip((dlog_q, dcons.a, dcons.weights, dhardness), theta, strict=True)
+    )
+    _, dvalue, (p, prob) = jax.jvp(
+        constraint_values, (lam, *theta), (dlam_bound, *dtheta), has_aux=True
+    )
     m = dual.neg_hessian(p, prob.a_CxK, prob.w_CxN, prob.hardness)
     dlam_free = _free_solve(m, free, dcons.b.astype(dtype) - dvalue)
     float0 = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)  # noqa: E731
-    dcore = _Core(lam=jnp.where(core.feasible, dlam_bound + dlam_free, 0.0),
-                  iterations=float0(core.iterations), converged=float0(core.converged),
-                  feasible=float0(core.feasible), p=jnp.zeros_like(core.p),
-                  value=jnp.zeros_like(core.value), g_part=jnp.zeros_like(core.g_part))
+    dcore = _Core(
+        lam=jnp.where(core.feasible, dlam_bound + dlam_free, 0.0),
+        iterations=float0(core.iterations),
+        converged=float0(core.converged),
+        feasible=float0(core.feasible),
+        p=jnp.zeros_like(core.p),
+        value=jnp.zeros_like(core.value),
+        g_part=jnp.zeros_like(core.g_part),
+    )
     return core, dcore
 
 
@@ -425,8 +465,9 @@ def _outputs(lam, log_q, cons, s, fast):
 def _outputs_jvp(primals, tangents):
     lam, log_q, cons, s, fast = primals
     dlam, dlog_q, dcons, ds, _ = tangents
-    _, dout = jax.jvp(lambda *x: tuple(dual.finish(*x)[:3]), (lam, log_q, cons, s),
-                      (dlam, dlog_q, dcons, ds))
+    _, dout = jax.jvp(
+        lambda *x: tuple(dual.finish(*x)[:3]), (lam, log_q, cons, s), (dlam, dlog_q, dcons, ds)
+    )
     return _outputs(lam, log_q, cons, s, fast), dout
 
 
@@ -439,8 +480,11 @@ def _report(core: _Core, log_q, cons, hardness, tol, max_lambda) -> Solution:
     dtype = core.lam.dtype
     safe, s, _, _, _ = _sanitise(cons, hardness, tol, max_lambda, dtype, checks=False)
     mask_cost, scores_ok = dual.mask_cost(log_q, s)
-    checkify.debug_check(scores_ok, "solve: log_q contains NaN or +inf (or s * log_q "
-                         "overflows); expected finite logits or log-probabilities")
+    checkify.debug_check(
+        scores_ok,
+        "solve: log_q contains NaN or +inf (or s * log_q "
+        "overflows); expected finite logits or log-probabilities",
+    )
     fast = jax.lax.stop_gradient((core.p.astype(dtype), core.value, core.g_part + mask_cost))
     p, value, g = _outputs(core.lam, log_q, safe, s, fast)
     ok = core.feasible & scores_ok
@@ -451,9 +495,14 @@ def _report(core: _Core, log_q, cons, hardness, tol, max_lambda) -> Solution:
     # hard rows (beta = inf) carry no penalty; 0 * inf would make their cotangents NaN
     gap = jnp.sum(core.lam * (value - b) + jnp.where(hard, 0.0, beta) * shortfall)
     info = SolveInfo(
-        iterations=core.iterations, max_violation=jnp.max(jnp.where(hard, shortfall, 0.0)),
-        gap=hold(gap), converged=core.converged & scores_ok, feasible=ok,
-        primal=hold(g + gap), dual=hold(g))
+        iterations=core.iterations,
+        max_violation=jnp.max(jnp.where(hard, shortfall, 0.0)),
+        gap=hold(gap),
+        converged=core.converged & scores_ok,
+        feasible=ok,
+        primal=hold(g + gap),
+        dual=hold(g),
+    )
     return Solution(lam=hold(core.lam), p=hold(p), info=info)
 
 
@@ -495,25 +544,48 @@ def _zeros_lam(log_q, cons, batched: bool):
 @functools.partial(jax.jit, static_argnames=("method", "max_iter"))
 def _solve_jit(log_q, cons, tol, hardness, max_lambda, lam0, *, method, max_iter):
     lam0 = _zeros_lam(log_q, cons, False) if lam0 is None else lam0
-    core = _core_one(log_q, cons, hardness, tol, max_lambda, lam0, method=method,
-                     max_iter=max_iter, factorise=True)
+    core = _core_one(
+        log_q,
+        cons,
+        hardness,
+        tol,
+        max_lambda,
+        lam0,
+        method=method,
+        max_iter=max_iter,
+        factorise=True,
+    )
     return _report(core, log_q, cons, hardness, tol, max_lambda)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "max_iter", "sequential"))
-def _solve_batch_jit(log_q, cons, tol, hardness, max_lambda, lam0, *, method, max_iter,
-                     sequential):
+def _solve_batch_jit(log_q, cons, tol, hardness, max_lambda, lam0, *, method, max_iter, sequential):
     lam0 = _zeros_lam(log_q, cons, True) if lam0 is None else lam0
     if sequential:
         # one image after the other; only lambda and the flags leave the loop
         core = jax.lax.map(
-            lambda x: _core_one(*x[:2], hardness, tol, max_lambda, x[2], method=method,
-                                max_iter=max_iter, factorise=True), (log_q, cons, lam0))
+            lambda x: _core_one(
+                *x[:2],
+                hardness,
+                tol,
+                max_lambda,
+                x[2],
+                method=method,
+                max_iter=max_iter,
+                factorise=True,
+            ),
+            (log_q, cons, lam0),
+        )
     else:
         # lockstep: one column count for the whole batch (the largest any image needs)
         buckets = _label_buckets(log_q.shape[-1])
-        branches = [jax.vmap(functools.partial(_core, method, max_iter, keep, False),
-                             in_axes=(0, 0, None, None, None, 0)) for keep in buckets]
+        branches = [
+            jax.vmap(
+                functools.partial(_core, method, max_iter, keep, False),
+                in_axes=(0, 0, None, None, None, 0),
+            )
+            for keep in buckets
+        ]
         args = (log_q, cons, hardness, tol, max_lambda, lam0)
         if len(branches) == 1:
             core = branches[0](*args)
@@ -521,8 +593,9 @@ def _solve_batch_jit(log_q, cons, tol, hardness, max_lambda, lam0, *, method, ma
             index = jnp.max(jax.vmap(lambda m: _bucket_index(m, buckets))(cons.mask))
             core = jax.lax.switch(index, branches, *args)
     # P and the report for the whole batch at once, outside the loop
-    return jax.vmap(_report, in_axes=(0, 0, 0, None, None, None))(core, log_q, cons, hardness,
-                                                                   tol, max_lambda)
+    return jax.vmap(_report, in_axes=(0, 0, 0, None, None, None))(
+        core, log_q, cons, hardness, tol, max_lambda
+    )
 
 
 # ----------------------------------------------------------------------------- validation
@@ -539,15 +612,27 @@ def _scalar_value(x) -> float | None:
     return float(np.asarray(x))
 
 
-def _check(log_q, cons: LinearConstraints, method, batched: bool, *, tol, max_iter, hardness,
-           max_lambda, lam0) -> None:
+def _check(
+    log_q,
+    cons: LinearConstraints,
+    method,
+    batched: bool,
+    *,
+    tol,
+    max_iter,
+    hardness,
+    max_lambda,
+    lam0,
+) -> None:
     """Eager validation at the API boundary; value checks are skipped for traced arguments."""
     if method not in _DEFAULT_MAX_ITER:
         raise ValueError(f"solve: method must be 'newton' or 'pga', got {method!r}")
-    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
-                                 or max_iter < 1):
-        raise ValueError(f"solve: max_iter must be an integer >= 1 (or None for the default), "
-                         f"got {max_iter!r}")
+    if max_iter is not None and (
+        isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1
+    ):
+        raise ValueError(
+            f"solve: max_iter must be an integer >= 1 (or None for the default), got {max_iter!r}"
+        )
     for name, value, ok, allowed in (
         ("tol", tol, lambda v: v >= 0, ">= 0"),
         ("hardness", hardness, lambda v: np.isfinite(v) and v > 0, "finite and > 0"),
@@ -559,8 +644,10 @@ def _check(log_q, cons: LinearConstraints, method, batched: bool, *, tol, max_it
         if v is not None and not ok(v):
             raise ValueError(f"solve: {name} must be {allowed}, got {v}")
     if not isinstance(log_q, np.ndarray | jax.Array):
-        raise ValueError(f"solve: log_q must be a numpy or jax array of shape (*pixels, K), got "
-                         f"{type(log_q).__name__}")
+        raise ValueError(
+            f"solve: log_q must be a numpy or jax array of shape (*pixels, K), got "
+            f"{type(log_q).__name__}"
+        )
     if not jnp.issubdtype(log_q.dtype, jnp.floating):
         raise ValueError(f"solve: log_q must be floating point, got dtype {log_q.dtype}")
     lead = 1 if batched else 0
@@ -568,37 +655,50 @@ def _check(log_q, cons: LinearConstraints, method, batched: bool, *, tol, max_it
         want = "(B, C, K)" if batched else "(C, K)"
         raise ValueError(f"cons.a must have shape {want}, got {cons.a.shape}")
     if cons.a.shape[-2] == 0:
-        raise ValueError("cons has C = 0 rows; solve needs at least one (an inert row is a = 0, "
-                         "b = 0)")
+        raise ValueError(
+            "cons has C = 0 rows; solve needs at least one (an inert row is a = 0, b = 0)"
+        )
     k = cons.a.shape[-1]
     if log_q.ndim < 2 + lead or log_q.shape[-1] != k:
         want = "(B, *pixels, K)" if batched else "(*pixels, K)"
         raise ValueError(f"log_q must have shape {want} with K = {k}, got {log_q.shape}")
     if batched and log_q.shape[0] != cons.a.shape[0]:
-        raise ValueError(
-            f"log_q has batch {log_q.shape[0]} but cons has batch {cons.a.shape[0]}")
+        raise ValueError(f"log_q has batch {log_q.shape[0]} but cons has batch {cons.a.shape[0]}")
     if cons.weights is not None:
         want = (*log_q.shape[:lead], cons.a.shape[-2], *log_q.shape[lead:-1])
         if tuple(cons.weights.shape) != want:
-            raise ValueError(f"cons.weights must have shape {want} (C, *pixels), "
-                             f"got {cons.weights.shape}")
+            raise ValueError(
+                f"cons.weights must have shape {want} (C, *pixels), got {cons.weights.shape}"
+            )
     if lam0 is not None:
         want = tuple(cons.a.shape[:-1])
         if tuple(np.shape(lam0)) != want:
             form = "(B, C)" if batched else "(C,)"
-            raise ValueError(f"solve: lam0 must have shape {want} {form}, like the multipliers, "
-                             f"got {tuple(np.shape(lam0))}")
+            raise ValueError(
+                f"solve: lam0 must have shape {want} {form}, like the multipliers, "
+                f"got {tuple(np.shape(lam0))}"
+            )
         if _is_concrete(lam0) and not bool(jnp.all(jnp.isfinite(lam0))):
             raise ValueError("solve: lam0 must be finite (it is clipped into the box)")
     if _is_concrete(log_q):
         if bool(jnp.any(jnp.isnan(log_q) | (log_q == jnp.inf))):  # reduced on device
-            raise ValueError("log_q contains NaN or +inf; expected finite logits or "
-                             "log-probabilities (-inf allowed for q = 0)")
+            raise ValueError(
+                "log_q contains NaN or +inf; expected finite logits or "
+                "log-probabilities (-inf allowed for q = 0)"
+            )
 
 
-def solve(log_q: Array, cons: LinearConstraints, *, method: str = "newton", tol: float = 1e-6,
-          max_iter: int | None = None, hardness: float = 1.0,
-          max_lambda: float = 1e6, lam0: Array | None = None) -> Solution:
+def solve(
+    log_q: Array,
+    cons: LinearConstraints,
+    *,
+    method: str = "newton",
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    hardness: float = 1.0,
+    max_lambda: float = 1e6,
+    lam0: Array | None = None,
+) -> Solution:
     r"""Finds the P closest to Q in KL under ``cons``, by maximising the concave dual on its box.
 
     .. math::
@@ -641,17 +741,35 @@ def solve(log_q: Array, cons: LinearConstraints, *, method: str = "newton", tol:
     >>> [round(float(x), 3) for x in sol.p.mean(0)], bool(sol.info.converged)
     ([0.5, 0.5], True)
     """
-    _check(log_q, cons, method, batched=False, tol=tol, max_iter=max_iter, hardness=hardness,
-           max_lambda=max_lambda, lam0=lam0)
+    _check(
+        log_q,
+        cons,
+        method,
+        batched=False,
+        tol=tol,
+        max_iter=max_iter,
+        hardness=hardness,
+        max_lambda=max_lambda,
+        lam0=lam0,
+    )
     max_iter = max_iter or _DEFAULT_MAX_ITER[method]
-    return _solve_jit(log_q, cons, tol, hardness, max_lambda, lam0, method=method,
-                      max_iter=max_iter)
+    return _solve_jit(
+        log_q, cons, tol, hardness, max_lambda, lam0, method=method, max_iter=max_iter
+    )
 
 
-def solve_batch(log_q: Array, cons: LinearConstraints, *, method: str = "newton",
-                tol: float = 1e-6, max_iter: int | None = None, hardness: float = 1.0,
-                max_lambda: float = 1e6, sequential: bool | None = None,
-                lam0: Array | None = None) -> Solution:
+def solve_batch(
+    log_q: Array,
+    cons: LinearConstraints,
+    *,
+    method: str = "newton",
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    hardness: float = 1.0,
+    max_lambda: float = 1e6,
+    sequential: bool | None = None,
+    lam0: Array | None = None,
+) -> Solution:
     """``solve`` mapped over a leading image axis of ``log_q``, of every field of ``cons`` and of
     ``lam0`` (B, C).
 
@@ -663,10 +781,28 @@ def solve_batch(log_q: Array, cons: LinearConstraints, *, method: str = "newton"
     sequential on the CPU backend, vmapped elsewhere. The results agree to float32 rounding;
     both are differentiable like :func:`solve`.
     """
-    _check(log_q, cons, method, batched=True, tol=tol, max_iter=max_iter, hardness=hardness,
-           max_lambda=max_lambda, lam0=lam0)
+    _check(
+        log_q,
+        cons,
+        method,
+        batched=True,
+        tol=tol,
+        max_iter=max_iter,
+        hardness=hardness,
+        max_lambda=max_lambda,
+        lam0=lam0,
+    )
     max_iter = max_iter or _DEFAULT_MAX_ITER[method]
     if sequential is None:
         sequential = jax.default_backend() == "cpu"
-    return _solve_batch_jit(log_q, cons, tol, hardness, max_lambda, lam0, method=method,
-                            max_iter=max_iter, sequential=bool(sequential))
+    return _solve_batch_jit(
+        log_q,
+        cons,
+        tol,
+        hardness,
+        max_lambda,
+        lam0,
+        method=method,
+        max_iter=max_iter,
+        sequential=bool(sequential),
+    )

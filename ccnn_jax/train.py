@@ -55,9 +55,7 @@ class TrainState:
     rng: jax.Array
 
 
-def create_model(
-    config: ml_collections.ConfigDict, num_classes: int, key: jax.Array | int
-) -> UNet:
+def create_model(config: ml_collections.ConfigDict, num_classes: int, key: jax.Array | int) -> UNet:
     """The configured UNet; ``key`` seeds the parameter initialisation."""
     m = config.model
     return UNet(
@@ -265,9 +263,7 @@ def predict_step(
 
 def make_mesh() -> jax.sharding.Mesh:
     """A 1-D ``("data",)`` mesh over all devices (all processes); GSPMD (Auto) axis type."""
-    return jax.make_mesh(
-        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 @dataclasses.dataclass
@@ -366,9 +362,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     n = jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % n:
-            raise ValueError(
-                f"config.{name} = {config[name]} must be divisible by the {n} devices"
-            )
+            raise ValueError(f"config.{name} = {config[name]} must be divisible by the {n} devices")
 
 
 def _absolute(workdir: epath.PathLike) -> epath.Path:
@@ -515,11 +509,7 @@ def warm_start(state: TrainState, abstract: TrainState, init_from: epath.PathLik
 def _summarize_train(rows: list[dict], seconds: float) -> dict[str, float]:
     """Window means of scalar metrics; mIoU / accuracy from the summed confusion matrices."""
     confusion = np.sum([r["confusion"] for r in rows], axis=0)
-    out = {
-        k: float(np.mean([r[k] for r in rows]))
-        for k in rows[0]
-        if k != "confusion"
-    }
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "confusion"}
     if "solver_violation" in out:
         out["solver_violation"] = float(np.max([r["solver_violation"] for r in rows]))
     out["miou"] = metrics.mean_iou(confusion)
@@ -623,4 +613,3 @@ def train_and_evaluate(
         reporting.save_curves(workdir / "curves.png", rows, keys, title=title)
         logging.info("results: %s", {k: results[k] for k in ("miou", "pixel_accuracy")})
     return results
-

@@ -335,9 +335,12 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
         "full": base_full.segmentation(),
         "variants": per_variant,
         "cvxpy": cvxpy_result,
-        "seconds": {"train": round(train_seconds, 2), "evaluate_and_solve": round(eval_seconds, 2),
-                    "train_under_recorded": round(under.seconds, 2),
-                    "train_full_recorded": round(full.seconds, 2)},  # fmt: skip
+        "seconds": {
+            "train": round(train_seconds, 2),
+            "evaluate_and_solve": round(eval_seconds, 2),
+            "train_under_recorded": round(under.seconds, 2),
+            "train_full_recorded": round(full.seconds, 2),
+        },  # fmt: skip
         "images_solved_per_variant": images_solved,
         "solve_batch_size": int(config.eval_batch_size),
         "devices": [str(dev) for dev in jax.devices()],
@@ -386,6 +389,7 @@ def markdown(results: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 def main(argv):
     if len(argv) > 1:

@@ -21,7 +21,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collect
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and results")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
 _JAX_CACHE = flags.DEFINE_string(
-    "jax_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "ccnn_jax", "xla"),
+    "jax_cache_dir",
+    os.path.join(os.path.expanduser("~"), ".cache", "ccnn_jax", "xla"),
     "persistent XLA compilation cache (makes reruns start fast); empty to disable",
 )
 flags.mark_flags_as_required(["workdir"])
@@ -44,8 +45,10 @@ def main(argv):
     summary = {k: results[k] for k in ("method", "dataset", "miou", "pixel_accuracy", "steps",
                                        "seconds")}  # fmt: skip
     print(json.dumps(summary))
-    print(f"validation mIoU = {results['miou']:.4f}  (written to "
-          f"{os.path.join(_WORKDIR.value, 'results.json')})")
+    print(
+        f"validation mIoU = {results['miou']:.4f}  (written to "
+        f"{os.path.join(_WORKDIR.value, 'results.json')})"
+    )
 
 
 if __name__ == "__main__":

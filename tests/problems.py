@@ -13,8 +13,15 @@ from ccnn_jax import LinearConstraints, constraints
 
 H, W, K = 12, 12, 6
 N = H * W
-FAMILIES = ("tags", "tags_size", "foreground_hard", "foreground_slack", "general", "box",
-            "satisfied")
+FAMILIES = (
+    "tags",
+    "tags_size",
+    "foreground_hard",
+    "foreground_slack",
+    "general",
+    "box",
+    "satisfied",
+)
 
 
 def logits(rng: np.random.Generator, scale: float, k: int = K) -> np.ndarray:
@@ -63,8 +70,12 @@ def make(family: str, seed: int, scale: float):
         p0 = rng.dirichlet(np.ones(K), size=N)  # a feasible P: b is below s(P0)
         b = (p0 @ a.T).mean(0) - rng.uniform(0.0, 0.05, size=c)
         beta = np.where(rng.random(c) < 0.5, np.inf, rng.uniform(0.5, 5.0, size=c))
-        return f, LinearConstraints(a=jnp.asarray(a), b=jnp.asarray(b, jnp.float32),
-                                    beta=jnp.asarray(beta, jnp.float32), mask=jnp.ones(K, bool))
+        return f, LinearConstraints(
+            a=jnp.asarray(a),
+            b=jnp.asarray(b, jnp.float32),
+            beta=jnp.asarray(beta, jnp.float32),
+            mask=jnp.ones(K, bool),
+        )
     if family == "box":
         tags = _random_tags(rng)
         label = int(rng.choice(np.flatnonzero(tags[1:])) + 1)

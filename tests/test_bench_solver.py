@@ -27,8 +27,14 @@ import bench_solver  # noqa: E402
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick"
     env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", f"--out={out}"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", f"--out={out}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.with_suffix(".json").read_text())
     md = out.with_suffix(".md").read_text()
@@ -42,7 +48,7 @@ def _table_rows(md: str, header: list[str]) -> list[list[str]]:
     start = lines.index(head)
     assert set(lines[start + 1]) <= set("|-"), lines[start + 1]
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([c.strip() for c in line.strip("|").split("|")])
@@ -59,8 +65,12 @@ def test_quick_rows_and_columns(quick):
     res, md, stdout = quick
     q = bench_solver.QUICK
     assert md in stdout  # printed as well as written
-    want = [(s * s, b, m, o) for s, b, m, o in itertools.product(
-        q["sizes"], q["batches"], ["newton", "pga"], ["sequential", "vmap"])]
+    want = [
+        (s * s, b, m, o)
+        for s, b, m, o in itertools.product(
+            q["sizes"], q["batches"], ["newton", "pga"], ["sequential", "vmap"]
+        )
+    ]
     got = [(r["n"], r["batch"], r["method"], r["mode"]) for r in res["main"]]
     assert got == want
     body = _table_rows(md, bench_solver.MAIN_COLUMNS)
@@ -71,8 +81,12 @@ def test_quick_rows_and_columns(quick):
         for cell in r[4:]:
             assert math.isfinite(float(cell)), r
     refs = [(r["problem"], r["reference"]) for r in res["references"] + res["seed_references"]]
-    assert refs == [("tags K=21", "CVXPY+Clarabel"), ("tags K=21", "SciPy L-BFGS-B"),
-                    ("seed fg K=11", "CVXPY+Clarabel"), ("seed fg K=11", "SciPy L-BFGS-B")]
+    assert refs == [
+        ("tags K=21", "CVXPY+Clarabel"),
+        ("tags K=21", "SciPy L-BFGS-B"),
+        ("seed fg K=11", "CVXPY+Clarabel"),
+        ("seed fg K=11", "SciPy L-BFGS-B"),
+    ]
     ref_body = _table_rows(md, bench_solver.REF_COLUMNS)
     assert [(r[0], r[2]) for r in ref_body] == refs
     assert "faster than CVXPY/Clarabel" in md
@@ -93,7 +107,8 @@ def test_quick_numbers(quick):
         _finite_numbers(r)
         assert r["images"] >= 1 and r["ref_ms_per_image"] > 0
         assert r["ref_over_newton"] == pytest.approx(
-            r["ref_ms_per_image"] / r["newton_ms_per_image"])
+            r["ref_ms_per_image"] / r["newton_ms_per_image"]
+        )
         assert r["max_abs_dp_newton"] < 1e-3  # same optimum as the float64 references
     h = res["headline"]
     assert h["seed_speedup_vs_cvxpy"] > 0 and h["seed_speedup_vs_scipy"] > 0

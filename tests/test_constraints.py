@@ -64,8 +64,9 @@ def test_from_tags_traces_and_vmaps_to_the_same_rows():
     for i, t in enumerate(tags):
         single = constraints.from_tags(t)
         for field in ("a", "b", "beta", "mask"):
-            np.testing.assert_array_equal(np.asarray(getattr(batched, field)[i]),
-                                          np.asarray(getattr(single, field)))
+            np.testing.assert_array_equal(
+                np.asarray(getattr(batched, field)[i]), np.asarray(getattr(single, field))
+            )
 
 
 def test_foreground_and_box_rows():

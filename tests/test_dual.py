@@ -56,8 +56,11 @@ def test_weak_duality_and_closed_form_gap():
             lam = jnp.asarray(rng.uniform(0, 1, upper.shape) * upper, jnp.float32)
             cert = certificate(lam, jnp.asarray(f), cons)
             assert float(cert.dual) <= optimum + 1e-5 * (1 + abs(optimum))
-            np.testing.assert_allclose(float(cert.primal - cert.dual), float(cert.gap),
-                                       atol=1e-4 * (1 + abs(float(cert.primal))))
+            np.testing.assert_allclose(
+                float(cert.primal - cert.dual),
+                float(cert.gap),
+                atol=1e-4 * (1 + abs(float(cert.primal))),
+            )
 
 
 def test_dual_at_zero_is_the_cost_of_the_mask():
@@ -67,14 +70,16 @@ def test_dual_at_zero_is_the_cost_of_the_mask():
     q = np.asarray(jax.nn.softmax(f))
     expected = -np.log(q[:, mask].sum(-1)).mean()  # KL(P || Q) of Q renormalised on the mask
     assert float(dual_objective(jnp.zeros(problems.K), jnp.asarray(f), cons)) == pytest.approx(
-        expected, rel=1e-5)
+        expected, rel=1e-5
+    )
 
 
 def test_hardness_sharpens_p():
     f, cons = problems.make("tags", 4, 1.0)
     p1 = np.asarray(latent_distribution(jnp.zeros(cons.a.shape[0]), jnp.asarray(f), cons))
-    p2 = np.asarray(latent_distribution(jnp.zeros(cons.a.shape[0]), jnp.asarray(f), cons,
-                                        hardness=1000.0))
+    p2 = np.asarray(
+        latent_distribution(jnp.zeros(cons.a.shape[0]), jnp.asarray(f), cons, hardness=1000.0)
+    )
     assert p2.max(-1).mean() > p1.max(-1).mean()
     np.testing.assert_array_equal(p2.argmax(-1), p1.argmax(-1))
 
@@ -104,10 +109,13 @@ def test_factorised_evaluation_equals_exact(family, scale, lam_scale):
             kept = np.arange(problems.K) if fast.labels_K is None else np.asarray(fast.labels_K)
             np.testing.assert_allclose(p, p_exact[:, kept], atol=2e-6)
             assert sorted(kept[np.asarray(fast.mask_K)]) == list(np.flatnonzero(cons.mask))
-            np.testing.assert_allclose(np.asarray(ev.value_C), np.asarray(ev_exact.value_C),
-                                       atol=2e-6)
+            np.testing.assert_allclose(
+                np.asarray(ev.value_C), np.asarray(ev_exact.value_C), atol=2e-6
+            )
             np.testing.assert_allclose(float(ev.g), float(ev_exact.g), rtol=1e-6, atol=1e-5)
-            np.testing.assert_allclose(np.asarray(ev.neg_hess_CxC),
-                                       np.asarray(ev_exact.neg_hess_CxC), atol=2e-5 * hardness)
-            np.testing.assert_allclose(np.asarray(ev.logz_N), np.asarray(ev_exact.logz_N),
-                                       rtol=1e-6, atol=1e-5)
+            np.testing.assert_allclose(
+                np.asarray(ev.neg_hess_CxC), np.asarray(ev_exact.neg_hess_CxC), atol=2e-5 * hardness
+            )
+            np.testing.assert_allclose(
+                np.asarray(ev.logz_N), np.asarray(ev_exact.logz_N), rtol=1e-6, atol=1e-5
+            )

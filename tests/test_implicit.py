@@ -29,25 +29,44 @@ def _problem(seed: int, weighted: bool):
     w = rng.uniform(0.2, 1.0, size=(C, H, W)) if weighted else np.ones((C, H, W))
     s_q = np.einsum("ck,nk,cn->c", a, q, w.reshape(C, -1)) / (H * W)
     kind = rng.permutation([0, 1, 1, 2])
-    b = s_q + np.select([kind == 0, kind == 1], [-rng.uniform(0.05, 0.2, C),
-                                                 rng.uniform(0.01, 0.06, C)],
-                        rng.uniform(0.1, 0.2, C))
-    beta = np.select([kind == 2, rng.random(C) < 0.5], [rng.uniform(0.05, 0.3, C), np.inf],
-                     rng.uniform(5.0, 20.0, C))
-    return {"log_q": f, "a": a, "b": b, "beta": beta, "weights": w if weighted else None,
-            "hardness": np.float64(rng.uniform(0.7, 1.5))}
+    b = s_q + np.select(
+        [kind == 0, kind == 1],
+        [-rng.uniform(0.05, 0.2, C), rng.uniform(0.01, 0.06, C)],
+        rng.uniform(0.1, 0.2, C),
+    )
+    beta = np.select(
+        [kind == 2, rng.random(C) < 0.5],
+        [rng.uniform(0.05, 0.3, C), np.inf],
+        rng.uniform(5.0, 20.0, C),
+    )
+    return {
+        "log_q": f,
+        "a": a,
+        "b": b,
+        "beta": beta,
+        "weights": w if weighted else None,
+        "hardness": np.float64(rng.uniform(0.7, 1.5)),
+    }
 
 
 def _cons(theta):
-    return LinearConstraints(a=theta["a"], b=theta["b"], beta=theta["beta"],
-                             mask=jnp.ones(K, bool), weights=theta["weights"])
+    return LinearConstraints(
+        a=theta["a"],
+        b=theta["b"],
+        beta=theta["beta"],
+        mask=jnp.ones(K, bool),
+        weights=theta["weights"],
+    )
 
 
 def _objective(theta, probe):
     """A scalar of everything solve returns that carries a derivative."""
     sol = solve(theta["log_q"], _cons(theta), hardness=theta["hardness"], tol=TOL)
-    return (jnp.sum(sol.p * probe["p"]) + sol.lam @ probe["lam"]
-            + probe["value"] * (sol.info.dual + 0.5 * sol.info.primal))
+    return (
+        jnp.sum(sol.p * probe["p"])
+        + sol.lam @ probe["lam"]
+        + probe["value"] * (sol.info.dual + 0.5 * sol.info.primal)
+    )
 
 
 @jax.jit
@@ -92,16 +111,21 @@ def _check_against_finite_differences(seed, weighted):
     kinds = _kinds(np.asarray(sol.lam), np.asarray(grad), np.asarray(theta["beta"]))
     if not bool(sol.info.converged) or kinds is None or 1 not in kinds:
         return None
-    probe = {"p": jnp.asarray(rng.normal(size=(H, W, K))), "lam": jnp.asarray(rng.normal(size=C)),
-             "value": jnp.asarray(1.0)}
+    probe = {
+        "p": jnp.asarray(rng.normal(size=(H, W, K))),
+        "lam": jnp.asarray(rng.normal(size=C)),
+        "value": jnp.asarray(1.0),
+    }
     direction = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=np.shape(x))), theta)
     direction["beta"] = jnp.where(jnp.isinf(theta["beta"]), 0.0, direction["beta"])
     jvp, vjp = _jvp_and_grad(theta, probe, direction)
     eps = 1e-6
     step = lambda sign: jax.tree.map(lambda x, d: x + sign * eps * d, theta, direction)  # noqa: E731
     fd = (float(_value(step(1), probe)) - float(_value(step(-1), probe))) / (2 * eps)
-    vjp_dot = sum(float(jnp.sum(g * d)) for g, d in zip(jax.tree.leaves(vjp),
-                                                         jax.tree.leaves(direction), strict=True))
+    vjp_dot = sum(
+        float(jnp.sum(g * d))
+        for g, d in zip(jax.tree.leaves(vjp), jax.tree.leaves(direction), strict=True)
+    )
     assert abs(float(jvp) - fd) <= 1e-5 * (1 + abs(fd)), (float(jvp), fd, kinds)
     assert abs(vjp_dot - float(jvp)) <= 1e-9 * (1 + abs(fd)), (vjp_dot, float(jvp))
     return kinds
@@ -137,8 +161,7 @@ def test_forward_and_reverse_jacobians_agree_and_bound_rows_hold_still():
     with jax.enable_x64(True):
         theta = jax.tree.map(jnp.asarray, _problem(3, False))
         sol, grad = _solution(theta)
-        kinds = np.asarray(_kinds(np.asarray(sol.lam), np.asarray(grad),
-                                  np.asarray(theta["beta"])))
+        kinds = np.asarray(_kinds(np.asarray(sol.lam), np.asarray(grad), np.asarray(theta["beta"])))
         zeros = jax.tree.map(jnp.zeros_like, theta)
         fwd, rev = np.zeros((C, C)), np.zeros((C, C))
         for c in range(C):
@@ -156,9 +179,10 @@ def test_forward_and_reverse_jacobians_agree_and_bound_rows_hold_still():
 def test_solve_batch_gradients_equal_per_image(sequential):
     problems = [jax.tree.map(jnp.asarray, _problem(seed, False)) for seed in (3, 4, 5)]
     log_q = jnp.stack([p["log_q"] for p in problems]).astype(jnp.float32)
-    cons = jax.tree.map(lambda *x: jnp.stack(x).astype(x[0].dtype if x[0].dtype == bool
-                                                        else jnp.float32),
-                        *[_cons(p) for p in problems])
+    cons = jax.tree.map(
+        lambda *x: jnp.stack(x).astype(x[0].dtype if x[0].dtype == bool else jnp.float32),
+        *[_cons(p) for p in problems],
+    )
     probe = jnp.asarray(np.random.default_rng(0).normal(size=log_q.shape), jnp.float32)
 
     @jax.jit
@@ -206,8 +230,10 @@ def test_training_step_differentiates_through_p_under_jit():
         jitted = jax.jit(loss)
         moved = lambda sign: jax.tree.map(lambda x, d: x + sign * eps * d, params, direction)  # noqa: E731
         fd = (float(jitted(moved(1))) - float(jitted(moved(-1)))) / (2 * eps)
-        analytic = sum(float(jnp.sum(g * d)) for g, d in zip(
-            jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True))
+        analytic = sum(
+            float(jnp.sum(g * d))
+            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
+        )
         assert abs(analytic - fd) <= 1e-5 * (1 + abs(fd)), (analytic, fd)
         assert float(jitted(new_params)) < float(value)  # the step descends
 
@@ -221,8 +247,9 @@ def _tag_rows(tags):
 
 def test_infeasible_and_invalid_problems_get_zero_finite_gradients():
     f = jnp.asarray(np.random.default_rng(0).normal(size=(H, W, K)), jnp.float32)
-    over = LinearConstraints(a=jnp.eye(K)[:C], b=jnp.full(C, 0.4), beta=jnp.full(C, jnp.inf),
-                             mask=jnp.ones(K, bool))  # lower bounds summing to 1.6 > 1
+    over = LinearConstraints(
+        a=jnp.eye(K)[:C], b=jnp.full(C, 0.4), beta=jnp.full(C, jnp.inf), mask=jnp.ones(K, bool)
+    )  # lower bounds summing to 1.6 > 1
 
     @jax.jit
     def grad(f, beta):

@@ -38,9 +38,7 @@ def test_ccnn_gradient_is_q_minus_p_over_n_single_image():
 
 def test_ccnn_batch_weights_valid_examples_only():
     logits = _logits()
-    grad_fn = jax.value_and_grad(
-        lambda z, t, v: losses.ccnn_loss(z, t, v), has_aux=True
-    )
+    grad_fn = jax.value_and_grad(lambda z, t, v: losses.ccnn_loss(z, t, v), has_aux=True)
     (loss, aux), g = grad_fn(logits, jnp.asarray(TAGS), jnp.asarray(VALID))
     q = jax.nn.softmax(logits, axis=-1)
     n, n_valid = 30, 2
@@ -71,8 +69,9 @@ def test_ccnn_size_hints_make_large_class_cover_ten_percent():
 
 def test_ccnn_without_background_class():
     logits = _logits(b=1)
-    _, aux = losses.ccnn_loss(logits, jnp.array([[0.0, 1.0, 1.0, 0.0]]), jnp.ones(1),
-                              background=None)
+    _, aux = losses.ccnn_loss(
+        logits, jnp.array([[0.0, 1.0, 1.0, 0.0]]), jnp.ones(1), background=None
+    )
     p = np.asarray(aux["p"])
     assert np.all(p[..., [0, 3]] == 0)
     assert p[..., 1].mean() >= 0.05 - 1e-3 and p[..., 2].mean() >= 0.05 - 1e-3
@@ -93,8 +92,13 @@ def test_supervised_loss_ignores_void_and_padding():
     mask[0, :2] = 255
     loss, _ = losses.supervised_loss(logits, jnp.asarray(mask), jnp.asarray(VALID))
     logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
-    picked = [-logp[b, i, j, mask[b, i, j]] for b in range(2) for i in range(6) for j in range(5)
-              if mask[b, i, j] != 255]
+    picked = [
+        -logp[b, i, j, mask[b, i, j]]
+        for b in range(2)
+        for i in range(6)
+        for j in range(5)
+        if mask[b, i, j] != 255
+    ]
     assert float(loss) == pytest.approx(np.mean(picked), rel=1e-5)
     all_void = jnp.full((3, 6, 5), 255)
     assert float(losses.supervised_loss(logits, all_void, jnp.asarray(VALID))[0]) == 0.0
@@ -114,6 +118,7 @@ def test_ccnn_constraint_bounds_reach_the_solver():
     tags = jnp.array([[1.0, 1.0, 0.0, 0.0]])
     _, aux = losses.ccnn_loss(logits, tags, jnp.ones(1))
     assert np.asarray(aux["p"])[..., 0].mean() == pytest.approx(0.7, abs=1e-3)  # VOC default
-    _, aux = losses.ccnn_loss(logits, tags, jnp.ones(1),
-                              constraint_kwargs={"bg_upper": 0.9, "fg_lower": 0.02})
+    _, aux = losses.ccnn_loss(
+        logits, tags, jnp.ones(1), constraint_kwargs={"bg_upper": 0.9, "fg_lower": 0.02}
+    )
     assert np.asarray(aux["p"])[..., 0].mean() == pytest.approx(0.9, abs=1e-3)

@@ -21,8 +21,8 @@ def fake_trimap(index: int) -> np.ndarray:
     """Background (2) with a pet (1) rectangle outlined by border (3), placed by ``index``."""
     trimap = np.full((H, W), 2, np.uint8)
     y, x = 2 + index % 10, 3 + (5 * index) % 20
-    trimap[y:y + 10, x:x + 9] = 3
-    trimap[y + 1:y + 9, x + 1:x + 8] = 1
+    trimap[y : y + 10, x : x + 9] = 3
+    trimap[y + 1 : y + 9, x + 1 : x + 8] = 1
     return trimap
 
 
@@ -118,14 +118,16 @@ def prepare_fake_source(data_dir):
             def _info(self):
                 return tfds.core.DatasetInfo(
                     builder=self,
-                    features=tfds.features.FeaturesDict({
-                        "image": tfds.features.Image(encoding_format="jpeg"),
-                        "label": tfds.features.ClassLabel(num_classes=37),
-                        "species": tfds.features.ClassLabel(names=pet.SPECIES_NAMES),
-                        "file_name": tfds.features.Text(),
-                        "segmentation_mask": tfds.features.Image(shape=(None, None, 1)),
-                        "head_bbox": tfds.features.BBoxFeature(),
-                    }),
+                    features=tfds.features.FeaturesDict(
+                        {
+                            "image": tfds.features.Image(encoding_format="jpeg"),
+                            "label": tfds.features.ClassLabel(num_classes=37),
+                            "species": tfds.features.ClassLabel(names=pet.SPECIES_NAMES),
+                            "file_name": tfds.features.Text(),
+                            "segmentation_mask": tfds.features.Image(shape=(None, None, 1)),
+                            "head_bbox": tfds.features.BBoxFeature(),
+                        }
+                    ),
                 )
 
             def _split_generators(self, dl_manager):
@@ -134,14 +136,17 @@ def prepare_fake_source(data_dir):
             def _generate_examples(self, split):
                 for index, species in FAKE_SPLITS[split]:
                     ex = fake_example(index, species)
-                    yield index, {
-                        "image": _jpeg(ex["image"]),
-                        "segmentation_mask": _png(ex["segmentation_mask"][..., 0]),
-                        "species": species,
-                        "label": index % 37,
-                        "file_name": f"pet_{index}.jpg",
-                        "head_bbox": tfds.features.BBox(0.1, 0.1, 0.5, 0.5),
-                    }
+                    yield (
+                        index,
+                        {
+                            "image": _jpeg(ex["image"]),
+                            "segmentation_mask": _png(ex["segmentation_mask"][..., 0]),
+                            "species": species,
+                            "label": index % 37,
+                            "file_name": f"pet_{index}.jpg",
+                            "head_bbox": tfds.features.BBox(0.1, 0.1, 0.5, 0.5),
+                        },
+                    )
 
     FakeOxfordIiitPet(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
 

@@ -75,8 +75,9 @@ def test_newton_and_pga_agree(family, seed, scale):
     pga = solve(jnp.asarray(f), cons, method="pga")
     assert bool(newton.info.converged) and bool(pga.info.converged)
     np.testing.assert_allclose(np.asarray(newton.p), np.asarray(pga.p), atol=2e-3)
-    np.testing.assert_allclose(float(newton.info.primal), float(pga.info.primal),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        float(newton.info.primal), float(pga.info.primal), rtol=1e-4, atol=1e-5
+    )
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
@@ -100,8 +101,9 @@ def test_vmap_equals_loop(sequential, seed, scale):
     for i, (f, cons) in enumerate(batch):
         sol = solve(jnp.asarray(f), cons)
         np.testing.assert_allclose(np.asarray(sol_b.p[i]), np.asarray(sol.p), atol=1e-5)
-        np.testing.assert_allclose(np.asarray(sol_b.lam[i]), np.asarray(sol.lam),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(sol_b.lam[i]), np.asarray(sol.lam), rtol=1e-4, atol=1e-5
+        )
 
 
 @settings(max_examples=15, deadline=None, derandomize=True)
@@ -114,8 +116,10 @@ def test_invariant_to_pixel_permutation_and_per_pixel_constant(family, seed, sca
     f_perm = f.reshape(problems.N, -1)[perm].reshape(f.shape)
     w = cons.weights
     w_perm = None if w is None else w.reshape(w.shape[0], -1)[:, perm].reshape(w.shape)
-    sol_perm = solve(jnp.asarray(f_perm), constraints.LinearConstraints(
-        cons.a, cons.b, cons.beta, cons.mask, w_perm))
+    sol_perm = solve(
+        jnp.asarray(f_perm),
+        constraints.LinearConstraints(cons.a, cons.b, cons.beta, cons.mask, w_perm),
+    )
     p_perm = np.asarray(sol.p).reshape(problems.N, -1)[perm].reshape(f.shape)
     np.testing.assert_allclose(np.asarray(sol_perm.p), p_perm, atol=1e-4)
     shift = rng.normal(size=f.shape[:-1] + (1,)).astype(np.float32) * 10

@@ -131,8 +131,12 @@ def test_context_bias(scenes):
     for name, texture in synthetic.CONTEXT_TEXTURE.items():
         cls = synthetic.CLASS_NAMES.index(name)
         with_cls = [s.background == texture for s in scenes if cls in s.object_classes]
-        without = [s.background == texture for s in scenes if not set(s.object_classes) & {
-            synthetic.CLASS_NAMES.index(n) for n in synthetic.CONTEXT_TEXTURE}]
+        without = [
+            s.background == texture
+            for s in scenes
+            if not set(s.object_classes)
+            & {synthetic.CLASS_NAMES.index(n) for n in synthetic.CONTEXT_TEXTURE}
+        ]
         assert np.mean(with_cls) > 0.6, name
         assert np.mean(without) < 0.15, name
 

@@ -30,8 +30,11 @@ def _get_config(config_string):
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     """Reuse compiled steps across the runs of this module (same programs, same numerics)."""
-    names = ["jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes"]
+    names = [
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    ]
     old = {n: getattr(jax.config, n) for n in names}
     jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update(names[1], 0.0)
@@ -66,8 +69,13 @@ def _batch(b=4, size=16, seed=0):
             mask[i, :, x : x + 3] = 2
             tags[i, 2] = 1
     size_hint = np.zeros_like(tags)
-    return {"image": image, "mask": mask, "tags": tags, "size": size_hint,
-            "valid": np.ones(b, np.float32)}
+    return {
+        "image": image,
+        "mask": mask,
+        "tags": tags,
+        "size": size_hint,
+        "valid": np.ones(b, np.float32),
+    }
 
 
 def _tiny_config(method):
@@ -122,15 +130,20 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_step_on_4_devices_matches_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", _SHARDED_SCRIPT.format(tests=str(ROOT / "tests"))],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
-    out = json.loads(line[len("RESULT"):])
+    out = json.loads(line[len("RESULT") :])
     assert out["4"]["loss"] == pytest.approx(out["1"]["loss"], rel=1e-5)
     assert out["4"]["confusion"] == out["1"]["confusion"]
     for a, b in zip(out["4"]["params"], out["1"]["params"], strict=True):
@@ -162,8 +175,15 @@ def test_resume_after_interruption_and_corrupt_checkpoint_gives_identical_params
     # outputs of the uninterrupted run
     a = tmp_path / "a"
     results = json.loads((a / "results.json").read_text())
-    for key in ("method", "miou", "pixel_accuracy", "per_class_iou", "class_names", "steps",
-                "seconds"):
+    for key in (
+        "method",
+        "miou",
+        "pixel_accuracy",
+        "per_class_iou",
+        "class_names",
+        "steps",
+        "seconds",
+    ):
         assert key in results, key
     assert results["steps"] == 6 and results["method"] == "ccnn"
     assert 0.0 <= results["miou"] <= 1.0 and results["miou"] == full["miou"]
@@ -229,8 +249,10 @@ def test_warm_start_takes_the_source_model_with_a_fresh_optimizer(data_dir, tmp_
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # a run with init_from trains from the source weights: one step away from them, not from init
     out = train.train(config, tmp_path / "warm", progress=False)
-    moved = [np.abs(np.asarray(x) - y).max()
-             for x, y in zip(jax.tree.leaves(jax.device_get(out.state.params)), _params(source))]
+    moved = [
+        np.abs(np.asarray(x) - y).max()
+        for x, y in zip(jax.tree.leaves(jax.device_get(out.state.params)), _params(source))
+    ]
     assert 0 < max(moved) < 0.1  # one lr-1e-3 Adam step (per-parameter update <= lr * ~1)
 
     # a source with another model is reported by name and its checkpoints stay where they are

@@ -19,8 +19,7 @@ def _unet(**kw):
 def test_logit_shapes(norm, output_stride):
     # shapes only (abstract evaluation, nothing compiled)
     abstract = nnx.eval_shape(
-        lambda: UNet(5, width=4, depth=2, norm=norm, output_stride=output_stride,
-                     rngs=nnx.Rngs(0))
+        lambda: UNet(5, width=4, depth=2, norm=norm, output_stride=output_stride, rngs=nnx.Rngs(0))
     )
     graphdef, state = nnx.split(abstract)
     x = jax.ShapeDtypeStruct((2, 16, 24, 3), jnp.float32)

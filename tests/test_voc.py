@@ -69,12 +69,19 @@ def test_sbd_augmented(tmp_path):
     voc_ex = fakes.write_voc(manual, as_tar=False)
     # SBD train has a VOC train id, a VOC val id (must be dropped) and a new id; SBD val has
     # a new id whose image exists only in SBD's img/ folder.
-    new = fakes.write_sbd(manual, voc=voc_ex, sbd_train=[fakes.VOC_TRAIN[0], fakes.VOC_VAL[0],
-                                                         "2011_000001"],
-                          sbd_val=["2011_000002"], sbd_only_images=["2011_000002"])
-    ids = voc.sbd_augmented_ids(fakes.VOC_TRAIN, fakes.VOC_VAL,
-                                [fakes.VOC_TRAIN[0], fakes.VOC_VAL[0], "2011_000001"],
-                                ["2011_000002"])
+    new = fakes.write_sbd(
+        manual,
+        voc=voc_ex,
+        sbd_train=[fakes.VOC_TRAIN[0], fakes.VOC_VAL[0], "2011_000001"],
+        sbd_val=["2011_000002"],
+        sbd_only_images=["2011_000002"],
+    )
+    ids = voc.sbd_augmented_ids(
+        fakes.VOC_TRAIN,
+        fakes.VOC_VAL,
+        [fakes.VOC_TRAIN[0], fakes.VOC_VAL[0], "2011_000001"],
+        ["2011_000002"],
+    )
     assert ids == sorted([*fakes.VOC_TRAIN, "2011_000001", "2011_000002"])
     prepare(manual, tmp_path / "data", config="sbd_augmented")
     got = read_back(tmp_path / "data", "voc_segmentation/sbd_augmented")
@@ -139,8 +146,9 @@ def test_mask_size_mismatch_names_both_files(tmp_path):
     fakes.write_voc(tmp_path / "manual", as_tar=False)
     stem = fakes.VOC_TRAIN[2]
     png = tmp_path / "manual/VOCdevkit/VOC2012/SegmentationClass" / f"{stem}.png"
-    png.write_bytes(fakes.encode_png(np.zeros((fakes.H, fakes.W + 1), np.uint8),
-                                     fakes.voc_palette()))
+    png.write_bytes(
+        fakes.encode_png(np.zeros((fakes.H, fakes.W + 1), np.uint8), fakes.voc_palette())
+    )
     with pytest.raises(checks.BadInputError, match=f"{stem}.png.*{stem}.jpg"):
         prepare(tmp_path / "manual", tmp_path / "data")
 
@@ -172,19 +180,29 @@ def test_pipeline_reads_fake_voc(tmp_path):
     from ccnn_jax.data import pipeline
 
     expected = fakes.write_voc(tmp_path / "manual", as_tar=True)
-    pipeline.prepare("voc_segmentation", data_dir=str(tmp_path / "data"),
-                     manual_dir=str(tmp_path / "manual"))
+    pipeline.prepare(
+        "voc_segmentation", data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path / "manual")
+    )
     meta = pipeline.dataset_meta("voc_segmentation", data_dir=str(tmp_path / "data"))
     assert (meta.num_classes, meta.background, meta.class_names) == (21, 0, fakes.VOC_CLASSES)
-    loader = pipeline.make_loader("voc_segmentation", "validation", data_dir=str(tmp_path / "data"),
-                                  batch_size=4, image_size=(16, 16), train=False, seed=0)
+    loader = pipeline.make_loader(
+        "voc_segmentation",
+        "validation",
+        data_dir=str(tmp_path / "data"),
+        batch_size=4,
+        image_size=(16, 16),
+        train=False,
+        seed=0,
+    )
     batch = next(iter(loader))
     assert batch["image"].shape == (4, 16, 16, 3) and batch["mask"].shape == (4, 16, 16)
     n_val = len(expected["validation"])
     np.testing.assert_array_equal(batch["valid"], [1.0] * n_val + [0.0] * (4 - n_val))
     # Tags of the real examples are exactly the classes of their full-size masks.
-    want = sorted(tuple(sorted(set(np.unique(fx.mask).tolist()) - {255}))
-                  for fx in expected["validation"].values())
+    want = sorted(
+        tuple(sorted(set(np.unique(fx.mask).tolist()) - {255}))
+        for fx in expected["validation"].values()
+    )
     got = sorted(tuple(np.flatnonzero(t).tolist()) for t in batch["tags"][:n_val])
     assert got == want
 
@@ -199,8 +217,7 @@ def test_sbd_config_without_sbd_names_the_folder(tmp_path):
 def test_corrupt_sbd_mat_names_the_file(tmp_path):
     manual = tmp_path / "manual"
     voc_ex = fakes.write_voc(manual, as_tar=False)
-    fakes.write_sbd(manual, voc=voc_ex, sbd_train=["2011_000001"], sbd_val=[],
-                    sbd_only_images=[])
+    fakes.write_sbd(manual, voc=voc_ex, sbd_train=["2011_000001"], sbd_val=[], sbd_only_images=[])
     (manual / "benchmark_RELEASE/dataset/cls/2011_000001.mat").write_bytes(b"not a mat file")
     with pytest.raises(checks.BadInputError, match="SBD file .*2011_000001.mat"):
         prepare(manual, tmp_path / "data", config="sbd_augmented")

