@@ -30,6 +30,35 @@ Array = jax.Array
 SIZE_HARDNESS = 1000.0
 
 
+@dataclasses.dataclass(frozen=True)
+class TagBounds:
+    """The bounds of :func:`from_tags`, as fractions of the image (``fg_slack``: a penalty).
+
+    Attributes:
+      fg_lower: lower bound of each present foreground label.
+      fg_slack: slack penalty of those lower bounds (``inf`` makes them hard).
+      bg_lower, bg_upper: hard bounds of the background when any foreground is present.
+      size_fg_lower: hard lower bound of a present label with its size bit set.
+      size_fg_upper: hard upper bound of a present label with its size bit clear (the hint's
+        threshold: such an object covers at most this fraction).
+      size_bg_lower, size_bg_upper: hard background bounds when any size bit is set.
+    """
+
+    fg_lower: float = 0.05
+    fg_slack: float = 2.0
+    bg_lower: float = 0.3
+    bg_upper: float = 0.7
+    size_fg_lower: float = 0.1
+    size_fg_upper: float = 0.1
+    size_bg_lower: float = 0.2
+    size_bg_upper: float = 0.7
+
+
+#: The original CCNN's bounds for PASCAL VOC (``python_layers.py``): the defaults of
+#: :func:`from_tags` and of ``configs.base().constraints``.
+VOC_BOUNDS = TagBounds()
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LinearConstraints:
@@ -119,16 +148,17 @@ def from_tags(
     tags: Array,
     *,
     background: int | None = 0,
-    fg_lower: float = 0.05,
-    fg_slack: float = 2.0,
-    bg_lower: float = 0.3,
-    bg_upper: float = 0.7,
+    fg_lower: float = VOC_BOUNDS.fg_lower,
+    fg_slack: float = VOC_BOUNDS.fg_slack,
+    bg_lower: float = VOC_BOUNDS.bg_lower,
+    bg_upper: float = VOC_BOUNDS.bg_upper,
     size: Array | None = None,
-    size_fg_lower: float = 0.1,
-    size_bg_lower: float = 0.2,
-    size_bg_upper: float = 0.7,
+    size_fg_lower: float = VOC_BOUNDS.size_fg_lower,
+    size_fg_upper: float = VOC_BOUNDS.size_fg_upper,
+    size_bg_lower: float = VOC_BOUNDS.size_bg_lower,
+    size_bg_upper: float = VOC_BOUNDS.size_bg_upper,
 ) -> LinearConstraints:
-    r"""CCNN's constraints from image-level tags (the original ``python_layers.py`` defaults).
+    r"""CCNN's constraints from image-level tags (default bounds: :data:`VOC_BOUNDS`).
 
     Labels absent from ``tags`` are masked (P = 0; the suppression constraint). Every present
     foreground label l gets :math:`\frac1N\sum_i P_i(l) \ge` ``fg_lower`` with slack penalty
@@ -136,9 +166,11 @@ def from_tags(
     ``bg_lower <= P(bg) <= bg_upper`` (hard; the upper bound is the row ``-P(bg) >= -bg_upper``).
 
     With a 1-bit size hint (``size[l]``: label l covers more than 10% of the image), a large
-    present foreground label gets the hard lower bound ``size_fg_lower`` and background is
-    bounded to ``[size_bg_lower, size_bg_upper]``; solve such sets with
-    ``hardness=SIZE_HARDNESS`` as the original did.
+    present foreground label gets the hard lower bound ``size_fg_lower``, a small one (bit
+    clear) the hard upper bound ``size_fg_upper`` (the row ``-P(l) >= -size_fg_upper``), and
+    background is bounded to ``[size_bg_lower, size_bg_upper]`` when any label is large, to
+    ``[size_bg_lower, 1]`` when all are small. (The original's size mode zeroed the small
+    labels outright, its hint naming only the large ones; here the bit's both values bound.)
 
     Args:
       tags: (K,) bool or 0/1, labels present in the image (background may be included).
@@ -148,7 +180,8 @@ def from_tags(
 
     Returns:
       ``LinearConstraints`` with C = K + 2 rows: K per-label lower bounds (inert for absent
-      labels and for background), then background lower and upper bounds.
+      labels and for background), then background lower and upper bounds; with ``size``,
+      K more rows follow, the small labels' upper bounds (inert for the others).
     """
     tags = jnp.asarray(tags)
     if tags.ndim != 1:
@@ -168,7 +201,7 @@ def from_tags(
 
     any_large = large.any()
     lo = jnp.where(any_large, size_bg_lower, bg_lower)
-    hi = jnp.where(any_large, size_bg_upper, bg_upper)
+    hi = jnp.where(any_large, size_bg_upper, bg_upper if size is None else 1.0)
     if background is None:
         bg_a = jnp.zeros((2, k), jnp.float32)
         bg_b = jnp.zeros(2, jnp.float32)
@@ -178,12 +211,19 @@ def from_tags(
         bg_a = jnp.stack([e_bg, -e_bg]) * on
         bg_b = jnp.stack([lo, -hi]).astype(jnp.float32) * on
 
+    a, b, beta = [label_a, bg_a], [label_b, bg_b], [label_beta, jnp.full(2, jnp.inf)]
+    if size is not None:
+        small = fg & ~large
+        a.append(jnp.where(small[:, None], -jnp.eye(k, dtype=jnp.float32), 0.0))
+        b.append(jnp.where(small, -size_fg_upper, 0.0))
+        beta.append(jnp.full(k, jnp.inf))
+
     mask = present | is_bg
     mask = jnp.where(mask.any(), mask, True)  # no tag at all: nothing is known, allow every label
     return LinearConstraints(
-        a=jnp.concatenate([label_a, bg_a]),
-        b=jnp.concatenate([label_b, bg_b]).astype(jnp.float32),
-        beta=jnp.concatenate([label_beta, jnp.full(2, jnp.inf)]).astype(jnp.float32),
+        a=jnp.concatenate(a),
+        b=jnp.concatenate(b).astype(jnp.float32),
+        beta=jnp.concatenate(beta).astype(jnp.float32),
         mask=mask,
     )
 

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-VOID = 255
-
+from ccnn_jax.data.common import VOID
 
 # ----------------------------------------------------------------------------- metric logging
 
@@ -106,6 +105,21 @@ def write_json(path: epath.PathLike, obj: Any) -> None:
 # ----------------------------------------------------------------------------- markdown
 
 
+def write_npz(path: epath.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """``np.savez_compressed`` of ``arrays`` (keys as given), written atomically."""
+    path = epath.Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    with tmp.open("wb") as f:
+        np.savez_compressed(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+
+
+def read_npz(path: epath.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file written by :func:`write_npz`."""
+    with epath.Path(path).open("rb") as f, np.load(f) as data:
+        return {k: data[k] for k in data.files}
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A GitHub markdown table; floats get 3 decimals, None an em dash."""
 
@@ -156,10 +170,12 @@ def save_grid(
     *,
     class_names: Sequence[str],
     title: str | None = None,
+    panels_as_rows: bool = False,
 ) -> None:
-    """Rows of examples, one column per panel, e.g. image | ground truth | prediction | latent.
+    """Rows of examples, one column per panel, e.g. image | ground truth | prediction | latent
+    (``panels_as_rows=True``: one row per panel, e.g. one per method, examples across).
 
-    ``panels`` maps a column title to an array (R, H, W, 3) float in [0, 1] (an image) or
+    ``panels`` maps a panel title to an array (R, H, W, 3) float in [0, 1] (an image) or
     (R, H, W) int (a label map, drawn with :func:`palette`). A legend names the class colours.
     """
     import matplotlib
@@ -174,19 +190,20 @@ def save_grid(
     rows = {len(panels[n]) for n in names}
     if len(rows) != 1:
         raise ValueError(f"panels: every column needs the same number of rows, got {rows}")
-    num_rows = rows.pop()
+    num_examples = rows.pop()
     k = len(class_names)
-    fig, axes = plt.subplots(
-        num_rows, len(names), figsize=(2.0 * len(names), 2.0 * num_rows + 0.8), squeeze=False
-    )
+    shape = (len(names), num_examples) if panels_as_rows else (num_examples, len(names))
+    fig, axes = plt.subplots(*shape, figsize=(2.0 * shape[1], 2.0 * shape[0] + 0.8), squeeze=False)
     for c, name in enumerate(names):
-        for r in range(num_rows):
+        for r in range(num_examples):
             x = np.asarray(panels[name][r])
-            ax = axes[r, c]
+            ax = axes[c, r] if panels_as_rows else axes[r, c]
             ax.imshow(np.clip(x, 0, 1) if x.ndim == 3 else colorize(x, k), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if r == 0:
+            if panels_as_rows and r == 0:
+                ax.set_ylabel(name, fontsize=9)
+            elif not panels_as_rows and r == 0:
                 ax.set_title(name, fontsize=9)
     handles = [Patch(color=palette(k)[i] / 255.0, label=n) for i, n in enumerate(class_names)]
     handles.append(Patch(facecolor="white", edgecolor="black", label="void"))

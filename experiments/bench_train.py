@@ -1,6 +1,6 @@
 """CCNN train-step time / fully supervised train-step time at the default config.
 
-    python experiments/bench_train.py [--config experiments/configs/synthetic.py] [--steps 20]
+    python experiments/bench_train.py [--config ccnn_jax/configs/synthetic.py] [--steps 20]
 
 Both steps use the same UNet, batch and optimizer; the CCNN step adds the per-image constraint
 solve (vmapped projected Newton on stop_gradient(log Q)) and the CE to P. Batches are read once
@@ -9,49 +9,48 @@ blocks (the median step of each) to be fair under a noisy shared CPU. Target: ra
 """
 
 import json
-import os
-import sys
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(_HERE))  # run from a checkout without installing
+from ccnn_jax.configs import synthetic
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "synthetic.py"), "ml_collections config file"
-)
-_STEPS = flags.DEFINE_integer("steps", 20, "timed steps per method")
-_BLOCK = flags.DEFINE_integer("block", 5, "steps per alternating block")
+FLAGS = flags.FLAGS
 
 
 def main(argv):
-    del argv
-    if not flags.FLAGS["verbosity"].present:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     import jax
     import numpy as np
 
-    from ccnn_jax import train
+    from ccnn_jax import losses, train
     from ccnn_jax.data import pipeline
 
-    base = _CONFIG.value
-    pipeline.prepare(base.dataset, data_dir=base.get("data_dir"))
-    meta = pipeline.dataset_meta(base.dataset, data_dir=base.get("data_dir"))
+    base = FLAGS.config
+    pipeline.prepare(base.dataset, data_dir=base.data_dir)
+    meta = pipeline.dataset_meta(base.dataset, data_dir=base.data_dir)
     loader = pipeline.make_loader(
-        base.dataset, "train", data_dir=base.get("data_dir"), batch_size=base.batch_size,
-        image_size=tuple(base.image_size), train=True, seed=0,
-    )  # fmt: skip
+        base.dataset,
+        "train",
+        data_dir=base.data_dir,
+        batch_size=base.batch_size,
+        image_size=tuple(base.image_size),
+        train=True,
+        seed=0,
+    )
     it = iter(loader)
-    batches_np = [next(it) for _ in range(_BLOCK.value)]
+    batches_np = [next(it) for _ in range(FLAGS.block)]
 
     runners = {}
     for method in ("ccnn", "full"):
         config = base.copy_and_resolve_references()
         config.method = method
         graphdef, state, tx = train.create_train_state(config, meta.num_classes)
-        steps = train.make_steps(graphdef, tx, train.loss_spec(config, meta))
+        steps = train.make_steps(graphdef, tx, losses.loss_spec(config, meta))
         batches = [steps.put_batch(b) for b in batches_np]
         state = steps.put_state(state)
         t = time.perf_counter()
@@ -61,7 +60,7 @@ def main(argv):
         runners[method] = [steps, state, batches]
 
     times = {m: [] for m in runners}
-    while min(len(v) for v in times.values()) < _STEPS.value:
+    while min(len(v) for v in times.values()) < FLAGS.steps:
         for method, r in runners.items():
             steps, state, batches = r
             for b in batches:
@@ -81,9 +80,17 @@ def main(argv):
         "devices": jax.device_count(),
     }
     print(json.dumps(result))
-    print(f"CCNN step / fully supervised step = {result['ratio_ccnn_over_full']:.3f} "
-          f"(target <= 1.10)")  # fmt: skip
+    ratio = result["ratio_ccnn_over_full"]
+    print(f"CCNN step / fully supervised step = {ratio:.3f} (target <= 1.10)")
+
+
+def _define_flags():
+    """CLI flags, defined only when run as a script (importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", synthetic.__file__, "ml_collections config file")
+    flags.DEFINE_integer("steps", 20, "timed steps per method")
+    flags.DEFINE_integer("block", 5, "steps per alternating block")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

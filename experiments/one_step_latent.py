@@ -2,7 +2,7 @@ r"""The seed's demonstration: one convex latent step from an under-trained netwo
 
     python experiments/one_step_latent.py --workdir runs/one_step
     python experiments/one_step_latent.py --workdir runs/one_step_tiny \
-        --config experiments/configs/one_step.py:tiny
+        --config ccnn_jax/configs/one_step.py:tiny
 
 Trains (or restores from ``<workdir>/under`` and ``<workdir>/full``) a fully supervised UNet
 stopped early (Q_under) and fully trained (Q_full); for every validation image solves
@@ -16,11 +16,10 @@ Writes ``results.json``, ``results.md`` and ``latent.png`` to the workdir.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 
 import jax
@@ -31,29 +30,29 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ccnn_jax import checkpoint as checkpoint_lib
+from ccnn_jax import one_step, reporting, solve, solve_batch
+from ccnn_jax import run as run_lib
+from ccnn_jax.configs import one_step as one_step_config
+from ccnn_jax.models import upsample_logits
 
-from ccnn_jax import checkpoint as checkpoint_lib  # noqa: E402
-from ccnn_jax import metrics, one_step, reporting, solve, solve_batch  # noqa: E402
-from ccnn_jax.models import upsample_logits  # noqa: E402
-
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "one_step.py")
+FLAGS = flags.FLAGS
 
 
 # ----------------------------------------------------------------------------- training (cached)
 
 
 def _train_cached(train_config, workdir: epath.Path, stop_step: int, progress: bool):
-    """``train.train`` in ``workdir`` up to ``stop_step`` (<= num_steps); a rerun restores it.
+    """``run.train`` in ``workdir`` up to ``stop_step`` (<= num_steps); a rerun restores it.
 
     The train config is stored next to the checkpoints; a rerun with a different config is an
     error (delete the directory to retrain) rather than silently mixing two runs.
     """
-    from ccnn_jax import train as train_lib
-
     workdir.mkdir(parents=True, exist_ok=True)
-    record = {"train_config": json.loads(json.dumps(train_config.to_dict())),
-              "stop_step": stop_step}  # fmt: skip
+    record = {
+        "train_config": json.loads(json.dumps(train_config.to_dict())),
+        "stop_step": stop_step,
+    }
     record_path = workdir / "one_step_train_config.json"
     if record_path.exists():
         stored = json.loads(record_path.read_text())
@@ -69,8 +68,9 @@ def _train_cached(train_config, workdir: epath.Path, stop_step: int, progress: b
     ckpt.close()
     if done > stop_step:
         raise ValueError(f"{workdir}/checkpoints holds step {done} > the requested {stop_step}")
-    out = train_lib.train(train_config, workdir, max_steps_this_run=stop_step - done,
-                          progress=progress)  # fmt: skip
+    out = run_lib.train(
+        train_config, workdir, max_steps_this_run=stop_step - done, progress=progress
+    )
     step = int(jax.device_get(out.state.step))
     if step != stop_step:
         raise RuntimeError(f"training in {workdir} ended at step {step}, expected {stop_step}")
@@ -97,44 +97,6 @@ _constraints = jax.jit(
     one_step.variant_constraints,
     static_argnames=("variant", "num_classes", "background", "tags_fraction", "oracle_fraction"),
 )
-
-
-@functools.partial(jax.jit, static_argnames=("epsilon",))
-def _kl_stats(log_full, log_under, p, weight, *, epsilon):
-    """Per-image KLs (B,) of one batch (see ``ccnn_jax.one_step`` for the definition)."""
-    q_full, q_under = jnp.exp(log_full), jnp.exp(log_under)
-    log_p = jnp.log(p)
-    kl_fu, count = one_step.kl_per_image(log_full, one_step.smoothed_log(q_under, epsilon), weight)
-    kl_fp, _ = one_step.kl_per_image(log_full, one_step.smoothed_log(p, epsilon), weight)
-    kl_pf, _ = one_step.kl_per_image(log_p, one_step.smoothed_log(q_full, epsilon), weight)
-    kl_uf, _ = one_step.kl_per_image(log_under, one_step.smoothed_log(q_full, epsilon), weight)
-    return {"kl_full_under": kl_fu, "kl_full_latent": kl_fp, "kl_latent_full": kl_pf,
-            "kl_under_full": kl_uf, "count": count}  # fmt: skip
-
-
-class _Accumulator:
-    """Per-image values (valid images only) and a confusion matrix, summed over batches."""
-
-    def __init__(self, num_classes: int):
-        self.k = num_classes
-        self.values: dict[str, list[np.ndarray]] = {}
-        self.confusion = np.zeros((num_classes, num_classes), np.int64)
-
-    def add(self, keep: np.ndarray, **per_image):
-        for name, v in per_image.items():
-            self.values.setdefault(name, []).append(np.asarray(v)[keep])
-
-    def add_confusion(self, pred, mask, valid):
-        c = metrics.confusion_matrix(jnp.asarray(pred), jnp.asarray(mask), self.k,
-                                     jnp.asarray(valid))  # fmt: skip
-        self.confusion += np.asarray(c, np.int64)
-
-    def cat(self, name) -> np.ndarray:
-        return np.concatenate(self.values[name])
-
-    def segmentation(self) -> dict:
-        return {"pixel_accuracy": metrics.pixel_accuracy(self.confusion),
-                "miou": metrics.mean_iou(self.confusion)}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- CVXPY reference
@@ -168,10 +130,15 @@ def _compare_cvxpy(config, workdir, log_q_under_BxHxWxK, cons_B, valid_B) -> dic
     s = int(config.cvxpy_max_side)
     index = [i for i in range(len(valid_B)) if valid_B[i] > 0][: int(config.cvxpy_images)]
     if len(index) < int(config.cvxpy_images):
-        raise ValueError(f"config.cvxpy_images = {config.cvxpy_images} exceeds the "
-                         f"{len(index)} valid images of the first validation batch")  # fmt: skip
-    kwargs = {"method": config.solver.method, "tol": config.solver.tol,
-              "max_iter": config.solver.max_iter}  # fmt: skip
+        raise ValueError(
+            f"config.cvxpy_images = {config.cvxpy_images} exceeds the "
+            f"{len(index)} valid images of the first validation batch"
+        )
+    kwargs = {
+        "method": config.solver.method,
+        "tol": config.solver.tol,
+        "max_iter": config.solver.max_iter,
+    }
     ours_s, cvx_s, diffs, cached = [], [], [], []
     for i in index:
         log_q = jnp.asarray(log_q_under_BxHxWxK[i, :s, :s])
@@ -204,126 +171,194 @@ def _compare_cvxpy(config, workdir, log_q_under_BxHxWxK, cons_B, valid_B) -> dic
 # ----------------------------------------------------------------------------- the experiment
 
 
-def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) -> dict:
-    """Runs the demonstration and writes results.json, results.md and latent.png in ``workdir``."""
-    from ccnn_jax.data import pipeline
-
-    t_start = time.time()
-    workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute checkpoint paths
-    workdir.mkdir(parents=True, exist_ok=True)
+def _check_config(config: ml_collections.ConfigDict) -> None:
     variants = list(config.variants)
     for v in variants:
         if v not in one_step.VARIANTS:
             raise ValueError(f"config.variants: {v!r} is not one of {one_step.VARIANTS}")
     for name in ("default_variant", "cvxpy_variant"):
         if config[name] not in variants:
-            raise ValueError(f"config.{name} = {config[name]!r} must be one of config.variants "
-                             f"{variants}")  # fmt: skip
+            raise ValueError(
+                f"config.{name} = {config[name]!r} must be one of config.variants {variants}"
+            )
     if not 0 < int(config.under_steps) < int(config.full_steps):
-        raise ValueError(f"need 0 < config.under_steps ({config.under_steps}) < "
-                         f"config.full_steps ({config.full_steps})")  # fmt: skip
-    tc = config.train
-    if int(tc.num_steps) != int(config.full_steps):
-        raise ValueError(f"config.train.num_steps ({tc.num_steps}) must equal config.full_steps "
-                         f"({config.full_steps})")  # fmt: skip
+        raise ValueError(
+            f"need 0 < config.under_steps ({config.under_steps}) < "
+            f"config.full_steps ({config.full_steps})"
+        )
+    if int(config.train.num_steps) != int(config.full_steps):
+        raise ValueError(
+            f"config.train.num_steps ({config.train.num_steps}) must equal config.full_steps "
+            f"({config.full_steps})"
+        )
 
+
+@dataclasses.dataclass
+class _Evaluation:
+    """What the pass over the validation split accumulates."""
+
+    under: one_step.Accumulator  # Q_under segmentation
+    full: one_step.Accumulator  # Q_full segmentation
+    variants: dict[str, one_step.Accumulator]  # per-image KLs and solver statistics of each P
+    solve_seconds: dict[str, float]
+    images_solved: int = 0
+    figure: dict | None = None
+    cvxpy: dict | None = None
+    compiled: set[str] = dataclasses.field(default_factory=set)
+
+
+def _solve_variant(config, ev: _Evaluation, variant: str, batch, lq_u, lq_f, weight, meta):
+    """Solves P of ``variant`` for one batch (timed after a first, compiling call) and adds its
+    statistics to ``ev``; returns (P, the batch's constraints)."""
+    cons = _constraints(
+        variant,
+        {"tags": batch["tags"], "mask": batch["mask"]},
+        num_classes=meta.num_classes,
+        background=meta.background,
+        tags_fraction=float(config.tags_alpha),
+        oracle_fraction=float(config.oracle_fraction),
+    )
+    solver_kwargs = {
+        "method": config.solver.method,
+        "tol": float(config.solver.tol),
+        "max_iter": int(config.solver.max_iter),
+    }
+    if variant not in ev.compiled:  # compile once (same shapes for every batch), not timed
+        jax.block_until_ready(solve_batch(lq_u, cons, **solver_kwargs))
+        ev.compiled.add(variant)
+    ts = time.perf_counter()
+    sol = jax.block_until_ready(solve_batch(lq_u, cons, **solver_kwargs))
+    ev.solve_seconds[variant] += time.perf_counter() - ts
+    stats = jax.device_get(
+        one_step.kl_stats(lq_f, lq_u, sol.p, weight, epsilon=float(config.kl_epsilon))
+    )
+    keep = (np.asarray(batch["valid"]) > 0) & (stats["count"] > 0)
+    info = jax.device_get(sol.info)
+    acc = ev.variants[variant]
+    acc.add(
+        keep,
+        **stats,
+        converged=info.converged,
+        gap=info.gap,
+        violation=info.max_violation,
+        iterations=info.iterations,
+        active=np.asarray(jax.device_get(sol.lam) > 0).any(axis=-1),
+    )
+    acc.add_confusion(jnp.argmax(sol.p, -1), batch["mask"], batch["valid"])
+    return sol.p, cons
+
+
+def _figure(config, batch, lq_u, lq_f, latents: dict) -> dict:
+    """The first images: input, ground truth, Q_under, each P and Q_full (argmax maps)."""
+    n = min(int(config.num_figure_images), int(np.sum(batch["valid"])))
+    figure = {
+        "input": batch["image"][:n],
+        "ground truth": batch["mask"][:n],
+        "under-trained": np.asarray(jnp.argmax(lq_u, -1))[:n],
+    }
+    for v, p in latents.items():
+        figure[f"latent P ({v})"] = np.asarray(jnp.argmax(p, -1))[:n]
+    figure["fully trained"] = np.asarray(jnp.argmax(lq_f, -1))[:n]
+    return figure
+
+
+def _evaluate(config, workdir: epath.Path, under, full) -> _Evaluation:
+    """One pass over the validation split: Q_under, Q_full and P of every variant."""
+    from ccnn_jax.data import pipeline
+
+    tc, meta = config.train, full.meta
+    k = meta.num_classes
+    log_q_under_fn, log_q_full_fn = _log_probs_fn(under), _log_probs_fn(full)
+    loader = pipeline.make_loader(
+        tc.dataset,
+        "validation",
+        data_dir=tc.data_dir,
+        batch_size=int(config.eval_batch_size),
+        image_size=tuple(tc.image_size),
+        train=False,
+        seed=int(tc.seed),
+        num_epochs=1,
+        shard_by_process=False,
+    )
+    variants = list(config.variants)
+    ev = _Evaluation(
+        under=one_step.Accumulator(k),
+        full=one_step.Accumulator(k),
+        variants={v: one_step.Accumulator(k) for v in variants},
+        solve_seconds={v: 0.0 for v in variants},
+    )
+    for batch in loader:
+        images = jnp.asarray(batch["image"])
+        lq_u, lq_f = log_q_under_fn(images), log_q_full_fn(images)
+        weight = one_step.labelled_pixels(batch["mask"], k, batch["valid"])
+        ev.under.add_confusion(jnp.argmax(lq_u, -1), batch["mask"], batch["valid"])
+        ev.full.add_confusion(jnp.argmax(lq_f, -1), batch["mask"], batch["valid"])
+        ev.images_solved += images.shape[0]
+        latents = {}
+        for v in variants:
+            latents[v], cons = _solve_variant(config, ev, v, batch, lq_u, lq_f, weight, meta)
+            if v == config.cvxpy_variant and ev.cvxpy is None and config.cvxpy_images > 0:
+                ev.cvxpy = _compare_cvxpy(
+                    config, workdir, np.asarray(lq_u), cons, np.asarray(batch["valid"])
+                )
+        if ev.figure is None:
+            ev.figure = _figure(config, batch, lq_u, lq_f, latents)
+    if ev.figure is None:
+        raise ValueError(f"the validation split of {tc.dataset!r} is empty")
+    return ev
+
+
+def _variant_result(config, ev: _Evaluation, variant: str, kl_full_under, kl_under_full) -> dict:
+    a = ev.variants[variant]
+    kl_fp = a.mean_over_images("kl_full_latent")
+    kl_pf = a.mean_over_images("kl_latent_full")
+    return {
+        "constraints": one_step.describe(
+            variant,
+            tags_fraction=float(config.tags_alpha),
+            oracle_fraction=float(config.oracle_fraction),
+        ),
+        "kl_full_latent": kl_fp,
+        "reduction": one_step.reduction(kl_fp, kl_full_under),
+        "kl_latent_full": kl_pf,
+        "reverse_reduction": one_step.reduction(kl_pf, kl_under_full),
+        **a.segmentation(),
+        "solver": {
+            "converged_fraction": float(a.cat("converged").mean()),
+            "active_fraction": float(a.cat("active").mean()),  # images with some lambda > 0
+            "max_gap": float(a.cat("gap").max()),
+            "max_violation": float(a.cat("violation").max()),
+            "mean_iterations": float(a.cat("iterations").mean()),
+            "max_iterations": int(a.cat("iterations").max()),
+            "batched_ms_per_image": 1e3 * ev.solve_seconds[variant] / ev.images_solved,
+        },
+    }
+
+
+def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) -> dict:
+    """Runs the demonstration and writes results.json, results.md and latent.png in ``workdir``."""
+    t_start = time.time()
+    _check_config(config)
+    workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute checkpoint paths
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc = config.train
     t0 = time.time()
     under = _train_cached(tc, workdir / "under", int(config.under_steps), progress)
     full = _train_cached(tc, workdir / "full", int(config.full_steps), progress)
     train_seconds = time.time() - t0
-    meta = full.meta
-    k = meta.num_classes
-    log_q_under_fn, log_q_full_fn = _log_probs_fn(under), _log_probs_fn(full)
-
-    loader = pipeline.make_loader(
-        tc.dataset, "validation", data_dir=tc.get("data_dir"),
-        batch_size=int(config.eval_batch_size), image_size=tuple(tc.image_size), train=False,
-        seed=int(tc.seed), num_epochs=1, shard_by_process=False,
-    )  # fmt: skip
-    solver_kwargs = {"method": config.solver.method, "tol": float(config.solver.tol),
-                     "max_iter": int(config.solver.max_iter)}  # fmt: skip
-    base = _Accumulator(k)  # KL(full || under), Q_under / Q_full segmentation
-    base_full = _Accumulator(k)
-    acc = {v: _Accumulator(k) for v in variants}
-    solve_seconds = {v: 0.0 for v in variants}
-    compiled: set[str] = set()
-    figure, cvxpy_result, images_solved, num_batches = None, None, 0, 0
     t_eval = time.time()
-    for batch in loader:
-        num_batches += 1
-        images = jnp.asarray(batch["image"])
-        lq_u, lq_f = log_q_under_fn(images), log_q_full_fn(images)
-        weight = one_step.labelled_pixels(batch["mask"], k, batch["valid"])
-        base.add_confusion(jnp.argmax(lq_u, -1), batch["mask"], batch["valid"])
-        base_full.add_confusion(jnp.argmax(lq_f, -1), batch["mask"], batch["valid"])
-        images_solved += images.shape[0]
-        latents = {}
-        for v in variants:
-            cons = _constraints(
-                v, {"tags": batch["tags"], "mask": batch["mask"]}, num_classes=k,
-                background=meta.background,
-                tags_fraction=float(config.tags_alpha),
-                oracle_fraction=float(config.oracle_fraction),
-            )  # fmt: skip
-            if v not in compiled:  # compile once (same shapes for every batch), not timed
-                jax.block_until_ready(solve_batch(lq_u, cons, **solver_kwargs))
-                compiled.add(v)
-            ts = time.perf_counter()
-            sol = jax.block_until_ready(solve_batch(lq_u, cons, **solver_kwargs))
-            solve_seconds[v] += time.perf_counter() - ts
-            stats = jax.device_get(_kl_stats(lq_f, lq_u, sol.p, weight,
-                                             epsilon=float(config.kl_epsilon)))  # fmt: skip
-            keep = (np.asarray(batch["valid"]) > 0) & (stats["count"] > 0)
-            info = jax.device_get(sol.info)
-            active = np.asarray(jax.device_get(sol.lam) > 0).any(axis=-1)
-            acc[v].add(keep, **stats, converged=info.converged, gap=info.gap,
-                       violation=info.max_violation, iterations=info.iterations,
-                       active=active)  # fmt: skip
-            acc[v].add_confusion(jnp.argmax(sol.p, -1), batch["mask"], batch["valid"])
-            latents[v] = sol.p
-            if v == config.cvxpy_variant and cvxpy_result is None and config.cvxpy_images > 0:
-                cvxpy_result = _compare_cvxpy(config, workdir, np.asarray(lq_u), cons,
-                                              np.asarray(batch["valid"]))  # fmt: skip
-        if figure is None:
-            n = min(int(config.num_figure_images), int(np.sum(batch["valid"])))
-            figure = {"input": batch["image"][:n], "ground truth": batch["mask"][:n],
-                      "under-trained": np.asarray(jnp.argmax(lq_u, -1))[:n]}  # fmt: skip
-            for v in variants:
-                figure[f"latent P ({v})"] = np.asarray(jnp.argmax(latents[v], -1))[:n]
-            figure["fully trained"] = np.asarray(jnp.argmax(lq_f, -1))[:n]
-    if figure is None:
-        raise ValueError(f"the validation split of {tc.dataset!r} is empty")
+    ev = _evaluate(config, workdir, under, full)
     eval_seconds = time.time() - t_eval
 
     d = config.default_variant
-    kl_full_under = one_step.mean_over_images(acc[d].cat("kl_full_under"), acc[d].cat("count"))
-    kl_under_full = one_step.mean_over_images(acc[d].cat("kl_under_full"), acc[d].cat("count"))
-    per_variant = {}
-    for v in variants:
-        a, count = acc[v], acc[v].cat("count")
-        kl_fp = one_step.mean_over_images(a.cat("kl_full_latent"), count)
-        kl_pf = one_step.mean_over_images(a.cat("kl_latent_full"), count)
-        per_variant[v] = {
-            "constraints": one_step.describe(v, tags_fraction=float(config.tags_alpha),
-                                             oracle_fraction=float(config.oracle_fraction)),
-            "kl_full_latent": kl_fp,
-            "reduction": one_step.reduction(kl_fp, kl_full_under),
-            "kl_latent_full": kl_pf,
-            "reverse_reduction": one_step.reduction(kl_pf, kl_under_full),
-            **a.segmentation(),
-            "solver": {
-                "converged_fraction": float(a.cat("converged").mean()),
-                "active_fraction": float(a.cat("active").mean()),  # images with some lambda > 0
-                "max_gap": float(a.cat("gap").max()),
-                "max_violation": float(a.cat("violation").max()),
-                "mean_iterations": float(a.cat("iterations").mean()),
-                "max_iterations": int(a.cat("iterations").max()),
-                "batched_ms_per_image": 1e3 * solve_seconds[v] / images_solved,
-            },
-        }  # fmt: skip
+    kl_full_under = ev.variants[d].mean_over_images("kl_full_under")
+    kl_under_full = ev.variants[d].mean_over_images("kl_under_full")
+    per_variant = {
+        v: _variant_result(config, ev, v, kl_full_under, kl_under_full) for v in ev.variants
+    }
     results = {
         "dataset": tc.dataset,
-        "num_images": int(acc[d].cat("count").size),
+        "num_images": int(ev.variants[d].cat("count").size),
         "under_steps": int(config.under_steps),
         "full_steps": int(config.full_steps),
         "default_variant": d,
@@ -331,61 +366,32 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
         "kl_full_latent": per_variant[d]["kl_full_latent"],
         "reduction": per_variant[d]["reduction"],
         "kl_under_full": kl_under_full,
-        "under": base.segmentation(),
-        "full": base_full.segmentation(),
+        "under": ev.under.segmentation(),
+        "full": ev.full.segmentation(),
         "variants": per_variant,
-        "cvxpy": cvxpy_result,
+        "cvxpy": ev.cvxpy,
         "seconds": {
             "train": round(train_seconds, 2),
             "evaluate_and_solve": round(eval_seconds, 2),
             "train_under_recorded": round(under.seconds, 2),
             "train_full_recorded": round(full.seconds, 2),
-        },  # fmt: skip
-        "images_solved_per_variant": images_solved,
+        },
+        "images_solved_per_variant": ev.images_solved,
         "solve_batch_size": int(config.eval_batch_size),
         "devices": [str(dev) for dev in jax.devices()],
         "config": config.to_dict(),
     }
     results["seconds"]["total"] = round(time.time() - t_start, 2)
     reporting.write_json(workdir / "results.json", results)
-    (workdir / "results.md").write_text(markdown(results))
-    title = (f"{tc.dataset}: latent P ({d}) from the under-trained net, "
-             f"KL reduction {results['reduction']:.1%}")  # fmt: skip
-    reporting.save_grid(workdir / "latent.png", figure, class_names=meta.class_names, title=title)
+    (workdir / "results.md").write_text(one_step.markdown(results))
+    title = (
+        f"{tc.dataset}: latent P ({d}) from the under-trained net, "
+        f"KL reduction {results['reduction']:.1%}"
+    )
+    reporting.save_grid(
+        workdir / "latent.png", ev.figure, class_names=full.meta.class_names, title=title
+    )
     return results
-
-
-def table_rows(results: dict) -> list[dict]:
-    """One row per map: Q_under, P of each variant, Q_full."""
-    rows = [{"map": f"Q_under (step {results['under_steps']})",
-             "KL(Q_full‖·)": results["kl_full_under"], "reduction": 0.0,
-             "KL(·‖Q_full)": results["kl_under_full"], **results["under"]}]  # fmt: skip
-    for v, r in results["variants"].items():
-        rows.append({"map": f"P `{v}`", "KL(Q_full‖·)": r["kl_full_latent"],
-                     "reduction": r["reduction"], "KL(·‖Q_full)": r["kl_latent_full"],
-                     "pixel_accuracy": r["pixel_accuracy"], "miou": r["miou"],
-                     "converged": r["solver"]["converged_fraction"],
-                     "active": r["solver"]["active_fraction"],
-                     "max gap": f"{r['solver']['max_gap']:.1e}",
-                     "ms/image": r["solver"]["batched_ms_per_image"]})  # fmt: skip
-    rows.append({"map": f"Q_full (step {results['full_steps']})", "KL(Q_full‖·)": 0.0,
-                 "KL(·‖Q_full)": 0.0, **results["full"]})  # fmt: skip
-    return rows
-
-
-def markdown(results: dict) -> str:
-    columns = ["map", "KL(Q_full‖·)", "reduction", "KL(·‖Q_full)", "pixel_accuracy", "miou",
-               "active", "converged", "max gap", "ms/image"]  # fmt: skip
-    text = reporting.markdown_table(table_rows(results), columns)
-    c = results.get("cvxpy")
-    if c:
-        text += (
-            f"\nCVXPY/Clarabel on {c['images']} image(s) of {c['image_size'][0]}x"
-            f"{c['image_size'][1]} (`{c['variant']}`): {c['cvxpy_seconds_per_image']:.2f} s/image"
-            f" vs {c['ours_single_ms_per_image']:.2f} ms/image for our single-image solve "
-            f"({c['speedup_single']:.0f}x); max |P_ours - P_cvxpy| = {c['max_abs_diff_p']:.1e}.\n"
-        )
-    return text
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -394,20 +400,24 @@ def markdown(results: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    config, workdir = FLAGS.config, FLAGS.workdir
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         # Reuse compiled programs: the two training runs, and every rerun, compile the same ones.
         jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     results = run(config, workdir)
-    print(markdown(results))
+    print(one_step.markdown(results))
     print(json.dumps({k: results[k] for k in ("kl_full_under", "kl_full_latent", "reduction")}))
-    print(f"total {results['seconds']['total']:.1f} s; written to "
-          f"{os.path.join(workdir, 'results.json')}")  # fmt: skip
+    print(
+        f"total {results['seconds']['total']:.1f} s; written to "
+        f"{os.path.join(workdir, 'results.json')}"
+    )
 
 
 def _define_flags():
     """CLI flags, defined only when run as a script (importing this module defines none)."""
-    config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections config file")
+    config_flags.DEFINE_config_file(
+        "config", one_step_config.__file__, "ml_collections config file"
+    )
     flags.DEFINE_string("workdir", None, "directory for the cached networks and results")
     flags.mark_flags_as_required(["workdir"])
 

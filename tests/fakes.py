@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-VOID = 255
+from ccnn_jax.data.common import VOID
+
 H, W = 24, 32
 
 VOC_CLASSES = [

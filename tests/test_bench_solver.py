@@ -16,11 +16,11 @@ import sys
 
 import pytest
 
+from ccnn_jax import benchmark
+from experiments import bench_solver
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "bench_solver.py"
-
-sys.path.insert(0, str(ROOT / "experiments"))
-import bench_solver  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +122,8 @@ def test_problems_are_active_and_reproducible():
     """
     import numpy as np
 
-    log_q, cons = bench_solver.tag_problems(np.random.default_rng(0), 16, 8, 21)
-    again, _ = bench_solver.tag_problems(np.random.default_rng(0), 16, 8, 21)
+    log_q, cons = benchmark.tag_problems(np.random.default_rng(0), 16, 8, 21)
+    again, _ = benchmark.tag_problems(np.random.default_rng(0), 16, 8, 21)
     np.testing.assert_array_equal(log_q, again)
     assert log_q.shape == (16, 8, 8, 21) and cons.a.shape == (16, 23, 21)
     mask = np.asarray(cons.mask)

@@ -43,8 +43,17 @@ def test_from_tags_size_mode():
     cons = constraints.from_tags(_tags(0, 2, 3), size=size)
     b, beta = np.asarray(cons.b), np.asarray(cons.beta)
     assert b[3] == pytest.approx(0.1) and np.isinf(beta[3])  # large: hard >= 10%
-    assert b[2] == pytest.approx(0.05) and beta[2] == 2.0  # small: default row
-    np.testing.assert_allclose(b[K:], [0.2, -0.7])
+    assert b[2] == pytest.approx(0.05) and beta[2] == 2.0  # small: default lower row
+    np.testing.assert_allclose(b[K : K + 2], [0.2, -0.7])
+    a, upper = np.asarray(cons.a), slice(K + 2, 2 * K + 2)
+    assert b[upper][2] == pytest.approx(-0.1) and a[upper][2, 2] == -1  # small: <= 10%, hard
+    assert not a[upper][[0, 1, 3, 4]].any() and np.isinf(beta[upper]).all()
+
+
+def test_from_tags_size_mode_with_only_small_objects_drops_the_background_upper_bound():
+    cons = constraints.from_tags(_tags(0, 2), size=_tags())
+    b = np.asarray(cons.b)
+    np.testing.assert_allclose(b[K : K + 2], [0.3, -1.0])  # 1 small object: bg >= 90% possible
 
 
 def test_from_tags_without_background_gives_foreground_rows_only():

@@ -122,3 +122,52 @@ def test_ccnn_constraint_bounds_reach_the_solver():
         logits, tags, jnp.ones(1), constraint_kwargs={"bg_upper": 0.9, "fg_lower": 0.02}
     )
     assert np.asarray(aux["p"])[..., 0].mean() == pytest.approx(0.9, abs=1e-3)
+
+
+def test_classification_loss_is_softmax_ce_over_object_classes():
+    scores = jax.random.normal(jax.random.key(3), (3, K))
+    tags = np.array([[1, 0, 1, 0], [1, 0, 0, 1], [1, 1, 0, 0]], np.float32)  # bg + one object
+    valid = np.array([1.0, 1.0, 0.0], np.float32)  # third image is padding
+    loss, _ = losses.classification_loss(scores, tags, valid, background=0)
+    log_p = jax.nn.log_softmax(scores[:, 1:], axis=-1)  # background is not a class
+    expected = -(log_p[0, 1] + log_p[1, 2]) / 2
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    grad = jax.grad(lambda s: losses.classification_loss(s, tags, valid, background=0)[0])(scores)
+    np.testing.assert_array_equal(np.asarray(grad[:, 0]), 0.0)  # no gradient to background
+    np.testing.assert_array_equal(np.asarray(grad[2]), 0.0)  # nor from padding
+    # two tagged objects share the target; without a background class every label is one
+    both = np.array([[1, 1, 1, 0]], np.float32)
+    loss2, _ = losses.classification_loss(scores[:1], both, np.ones(1), background=0)
+    np.testing.assert_allclose(loss2, -(log_p[0, 0] + log_p[0, 1]) / 2, rtol=1e-6)
+    loss3, _ = losses.classification_loss(scores[:1], tags[:1], np.ones(1), background=None)
+    np.testing.assert_allclose(
+        loss3, -jnp.mean(jax.nn.log_softmax(scores[0])[jnp.array([0, 2])]), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="scores_BxK"):
+        losses.classification_loss(scores[:, :2], tags, valid, background=0)
+
+
+def test_padding_pixels_take_no_part_in_constraints_or_losses():
+    """Augmentation padding (pixels = 0): the CCNN rows hold over image pixels only, the loss
+    has no gradient there, and MIL's max skips it."""
+    logits = _logits(b=2, h=4, w=4)
+    tags = np.array([[1, 1, 0, 0], [1, 0, 1, 1]], np.float32)
+    pixels = np.ones((2, 8, 8), np.float32)
+    pixels[:, :, 4:] = 0.0  # the right half of each image is padding (2 logit columns)
+
+    def ccnn(lg):
+        return losses.ccnn_loss(lg, tags, np.ones(2), background=0, pixels_BxHxW=pixels)
+
+    (_, aux), grad = jax.value_and_grad(ccnn, has_aux=True)(logits)
+    np.testing.assert_array_equal(np.asarray(grad[:, :, 2:]), 0.0)
+    p_image = np.asarray(aux["p"])[:, :, :2]  # the image's pixels (left half)
+    bounds = constraints.VOC_BOUNDS
+    bg_share = p_image[..., 0].mean(axis=(1, 2))
+    assert np.all(bg_share >= bounds.bg_lower - 1e-3) and np.all(bg_share <= bounds.bg_upper + 1e-3)
+    # padding outranking everything would win MIL's max without the pixel map
+    padded = logits.at[:, :, 2:, :].set(50.0)
+    with_map, _ = losses.mil_loss(padded, tags, np.ones(2), pixels_BxHxW=pixels)
+    reference, _ = losses.mil_loss(logits[:, :, :2], tags, np.ones(2))
+    np.testing.assert_allclose(with_map, reference, rtol=1e-6)
+    with pytest.raises(ValueError, match="multiple"):
+        losses.mil_loss(logits, tags, np.ones(2), pixels_BxHxW=np.ones((2, 6, 6)))

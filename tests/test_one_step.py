@@ -60,8 +60,11 @@ def test_smoothed_log_makes_kl_to_a_zero_finite():
     p = jnp.array([[1.0, 0.0, 0.0, 0.0]])
     q = jnp.array([[0.5, 0.5, 0.0, 0.0]])
     eps = 1e-6
-    kl = float(one_step.kl_per_image(_log(q)[None, None], one_step.smoothed_log(p, eps)[None, None],
-                                     jnp.ones((1, 1, 1)))[0][0])  # fmt: skip
+    kl = float(
+        one_step.kl_per_image(
+            _log(q)[None, None], one_step.smoothed_log(p, eps)[None, None], jnp.ones((1, 1, 1))
+        )[0][0]
+    )
     expected = 0.5 * np.log(0.5 / (1 - eps + eps / K)) + 0.5 * np.log(0.5 / (eps / K))
     np.testing.assert_allclose(kl, expected, rtol=1e-4)
     # and leaves a distribution without zeros (almost) unchanged
@@ -93,15 +96,17 @@ def test_variant_constraints():
     batch = {"tags": tags, "mask": mask}
     rows = np.broadcast_to(np.concatenate([np.eye(K), np.zeros((2, K))]), (b, K + 2, K))
 
-    tags_cons = one_step.variant_constraints("tags", batch, num_classes=K, background=0,
-                                             tags_fraction=0.07)  # fmt: skip
+    tags_cons = one_step.variant_constraints(
+        "tags", batch, num_classes=K, background=0, tags_fraction=0.07
+    )
     np.testing.assert_array_equal(tags_cons.a, rows)  # K label rows + 2 inert rows
     np.testing.assert_allclose(tags_cons.b[:, :K], np.where(tags > 0, 0.07, 0.0))
     np.testing.assert_array_equal(tags_cons.b[:, K:], 0.0)
     assert np.all(np.isinf(tags_cons.beta)) and np.all(tags_cons.mask)
 
-    oracle = one_step.variant_constraints("oracle", batch, num_classes=K, background=0,
-                                          oracle_fraction=0.8)  # fmt: skip
+    oracle = one_step.variant_constraints(
+        "oracle", batch, num_classes=K, background=0, oracle_fraction=0.8
+    )
     true = np.stack([(m[..., None] == np.arange(K)).mean(axis=(0, 1)) for m in mask])
     np.testing.assert_array_equal(oracle.a, rows)
     np.testing.assert_allclose(oracle.b[:, :K], 0.8 * true, rtol=1e-6)
@@ -117,18 +122,25 @@ def test_variant_constraints():
     with pytest.raises(ValueError, match="variant"):
         one_step.variant_constraints("nope", batch, num_classes=K, background=0)
     with pytest.raises(ValueError, match="tags"):
-        one_step.variant_constraints("tags", {"tags": tags[:, :2], "mask": mask}, num_classes=K,
-                                     background=0)  # fmt: skip
+        one_step.variant_constraints(
+            "tags", {"tags": tags[:, :2], "mask": mask}, num_classes=K, background=0
+        )
 
 
 def test_cli_end_to_end_tiny(tmp_path):
     """The CLI on ccnn_synthetic/tiny: outputs exist, the reduction is computed from the KLs."""
     workdir = tmp_path / "wd"
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PLATFORMS="cpu")  # fmt: skip
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "one_step_latent.py"),
-           "--config", os.path.join(ROOT, "experiments", "configs", "one_step.py") + ":tiny",
-           f"--config.train.data_dir={tmp_path / 'tfds'}", f"--workdir={workdir}"]  # fmt: skip
+    env = dict(
+        os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PLATFORMS="cpu"
+    )
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "experiments", "one_step_latent.py"),
+        "--config",
+        os.path.join(ROOT, "ccnn_jax", "configs", "one_step.py") + ":tiny",
+        f"--config.train.data_dir={tmp_path / 'tfds'}",
+        f"--workdir={workdir}",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("results.json", "results.md", "latent.png"):

@@ -41,10 +41,25 @@ def fake_example(index: int, species: int) -> dict:
     }
 
 
+def convert(ex: dict) -> dict:
+    """The builder's conversion of a fake example, encoded as the source stores it."""
+    trimap = np.asarray(ex["segmentation_mask"])
+    encoded = {
+        **ex,
+        "image": _png(ex["image"]),
+        "segmentation_mask": _png(trimap[..., 0] if trimap.ndim == 3 else trimap),
+    }
+    key, out = pet.convert_example(encoded)
+    assert key == out["image/filename"]
+    with Image.open(io.BytesIO(out["segmentation_mask"])) as im:
+        mask = np.asarray(im)
+    return {**out, "image": _decoded(out["image"]), "segmentation_mask": mask[..., None]}
+
+
 @pytest.mark.parametrize("species", [0, 1], ids=["cat", "dog"])
-def test_to_ccnn_example_maps_trimap(species):
+def test_convert_example_maps_trimap(species):
     ex = fake_example(3, species)
-    out = pet.to_ccnn_example(ex)
+    out = convert(ex)
     trimap = ex["segmentation_mask"][..., 0]
     assert out["segmentation_mask"].shape == (H, W, 1)
     assert out["segmentation_mask"].dtype == np.uint8
@@ -59,28 +74,28 @@ def test_to_ccnn_example_maps_trimap(species):
     assert pet.CLASS_NAMES[1 + species] == pet.SPECIES_NAMES[species].lower()
 
 
-def test_to_ccnn_example_accepts_2d_trimap_and_all_border():
+def test_convert_example_accepts_2d_trimap_and_all_border():
     ex = fake_example(1, 1)
     ex["segmentation_mask"] = np.full((H, W), 3, np.uint8)
-    out = pet.to_ccnn_example(ex)
+    out = convert(ex)
     assert (out["segmentation_mask"] == 255).all() and out["labels"] == []
 
 
-def test_to_ccnn_example_bad_input_names_the_file():
+def test_convert_example_bad_input_names_the_file():
     ex = fake_example(2, 0)
     ex["segmentation_mask"] = ex["segmentation_mask"].copy()
     ex["segmentation_mask"][0, 0, 0] = 0
     ex["segmentation_mask"][0, 1, 0] = 7
     with pytest.raises(checks.BadInputError, match=r"pet_2.jpg: unknown label values \[0, 7\]"):
-        pet.to_ccnn_example(ex)
+        convert(ex)
     ex = fake_example(2, 0)
     ex["species"] = np.int64(2)
     with pytest.raises(checks.BadInputError, match="pet_2.jpg: species"):
-        pet.to_ccnn_example(ex)
+        convert(ex)
     ex = fake_example(2, 0)
     ex["segmentation_mask"] = ex["segmentation_mask"][:-1]
     with pytest.raises(checks.BadInputError, match="pet_2.jpg"):
-        pet.to_ccnn_example(ex)
+        convert(ex)
 
 
 # ------------------------------------------------------------------------------------------

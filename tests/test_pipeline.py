@@ -107,20 +107,25 @@ def test_sample_geometry_keeps_void():
     mask = rng.integers(0, K, (6, 8)).astype(np.uint8)
     mask[2, :] = common.VOID
     image = rng.integers(0, 256, (6, 8, 3)).astype(np.uint8)
-    img, m = _sample(image, mask, (6, 8), 1.0, (0.0, 0.0), False)
+    img, m, inside = _sample(image, mask, (6, 8), 1.0, (0.0, 0.0), False)
+    assert inside.all()
     np.testing.assert_array_equal(m, mask)
     np.testing.assert_allclose(img, image, atol=1e-3)
-    img, m = _sample(image, mask, (6, 8), 1.0, (0.0, 0.0), True)
+    img, m, _ = _sample(image, mask, (6, 8), 1.0, (0.0, 0.0), True)
     np.testing.assert_array_equal(m, mask[:, ::-1])
     np.testing.assert_allclose(img, image[:, ::-1], atol=1e-3)
     # 2x upscale, shifted by one source pixel: nearest-neighbour blocks, void rows stay void
-    img, m = _sample(image, mask, (8, 8), 2.0, (-2.0, -2.0), False)
+    img, m, _ = _sample(image, mask, (8, 8), 2.0, (-2.0, -2.0), False)
     np.testing.assert_array_equal(m, np.kron(mask[1:5, 1:5], np.ones((2, 2), np.uint8)))
     # shrink into a larger canvas: outside pixels are void / black
-    img, m = _sample(image, mask, (10, 12), 1.0, (2.0, 3.0), False)
+    img, m, inside = _sample(image, mask, (10, 12), 1.0, (2.0, 3.0), False)
     np.testing.assert_array_equal(m[2:8, 3:11], mask)
     assert (m[:2] == common.VOID).all() and (m[:, :3] == common.VOID).all()
     assert (img[:2] == 0).all()
+    # the padding map marks exactly the pixels outside the source (not the dataset's void)
+    expected = np.zeros((10, 12), bool)
+    expected[2:8, 3:11] = True
+    np.testing.assert_array_equal(inside, expected)
 
 
 def test_augmentation_preserves_void_pixels(data_dir):
@@ -166,8 +171,15 @@ def test_shard_by_process_single_process_sees_everything(data_dir):
 
 def test_clear_errors(data_dir, tmp_path):
     with pytest.raises(ValueError, match="name: unknown dataset 'no_such_dataset'"):
-        pipeline.make_loader("no_such_dataset", "train", data_dir=data_dir, batch_size=2,
-                             image_size=(8, 8), train=True, seed=0)  # fmt: skip
+        pipeline.make_loader(
+            "no_such_dataset",
+            "train",
+            data_dir=data_dir,
+            batch_size=2,
+            image_size=(8, 8),
+            train=True,
+            seed=0,
+        )
     with pytest.raises(ValueError, match="split: 'test' is not a split"):
         _loader(data_dir, "test")
     with pytest.raises(ValueError, match="not prepared"):  # empty data_dir

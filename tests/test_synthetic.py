@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ccnn_jax.data import common, pipeline, synthetic
+from ccnn_jax.data import common, pipeline, shapes, synthetic
 
 NAME = "ccnn_synthetic/tiny"
 K = len(synthetic.CLASS_NAMES)
@@ -82,13 +82,34 @@ def test_class_frequencies_and_object_sizes(scenes):
     assert fg.max() < 2.0 * fg.min(), f"class frequencies too unbalanced: {fg}"
     objects = [len(s.object_classes) for s in scenes]
     assert set(objects) == {1, 2, 3}
-    frac = np.array([
-        np.mean(s.instances == j) for s in scenes for j in range(len(s.object_classes))
-    ])  # fmt: skip
+    frac = np.array(
+        [np.mean(s.instances == j) for s in scenes for j in range(len(s.object_classes))]
+    )
     assert frac.min() > 0  # every object keeps visible pixels
-    assert np.mean(frac < 0.05) > 0.2 and np.mean(frac > 0.1) > 0.2
+    assert np.mean(frac < 0.05) > 0.08 and np.mean(frac > 0.3) > 0.1  # < 5% to > 30%
     # large hints match the masks and occur for foreground classes
     assert any(c != 0 for s in scenes for c in s.large)
+
+
+def test_background_share_is_voc_like(scenes):
+    """The original CCNN's background bounds [0.3, 0.7] hold for most images, as on VOC."""
+    bg = np.array([np.mean(s.mask == 0) for s in scenes])
+    assert 0.45 < np.median(bg) < 0.7
+    assert np.mean((bg >= 0.3) & (bg <= 0.7)) > 0.8
+
+
+@pytest.mark.parametrize("name", ["objects", "objects_easy"])
+def test_classification_sets_hold_one_object(name):
+    cfg = next(c for c in synthetic.CcnnSynthetic.BUILDER_CONFIGS if c.name == name)
+    scenes = [synthetic.generate_scene(0, "train", i, cfg) for i in range(200)]
+    assert all(len(s.object_classes) == 1 for s in scenes)
+    assert all(s.labels == [0, s.object_classes[0]] for s in scenes)
+    classes = np.bincount([s.object_classes[0] for s in scenes], minlength=K)[1:]
+    assert classes.min() > 10  # every shape occurs
+    area = np.array([np.mean(s.instances == 0) for s in scenes])
+    assert np.percentile(area, 5) > 0.08 and np.percentile(area, 95) < 0.65
+    if name == "objects_easy":  # smooth fills, no clutter: few edges inside object/background
+        assert {s.background for s in scenes} <= {*shapes.SMOOTH_TEXTURES, "waves", "speckle"}
 
 
 def test_partial_occlusion_occurs(scenes):
@@ -122,8 +143,9 @@ def test_mean_object_colour_does_not_predict_class(scenes):
             fill.append(len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
     fill = np.array(fill)[:, None]
     c_fill = np.stack([fill[:half][labels[:half] == c].mean(0) for c in range(1, K)])
-    acc_fill = np.mean(((fill[half:, None] - c_fill[None]) ** 2).sum(-1).argmin(1) + 1
-                       == labels[half:])  # fmt: skip
+    acc_fill = np.mean(
+        ((fill[half:, None] - c_fill[None]) ** 2).sum(-1).argmin(1) + 1 == labels[half:]
+    )
     assert acc_fill > acc + 0.05
 
 
@@ -167,6 +189,6 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="split"):
         synthetic.generate_scene(0, "training", 0)
     with pytest.raises(ValueError, match="shape name"):
-        synthetic.shape_inside("hexagon", np.zeros(3), np.zeros(3))
+        shapes.shape_inside("hexagon", np.zeros(3), np.zeros(3))
     with pytest.raises(ValueError, match="image_size"):
         synthetic.generate_scene(0, "train", 0, synthetic.SyntheticConfig(name="t", image_size=4))

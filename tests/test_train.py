@@ -1,7 +1,7 @@
 """Training: loss decreases, no recompilation, 4-device sharding == 1 device, exact resume
 (including from a corrupt latest checkpoint), the run's outputs."""
 
-import importlib.util
+import importlib
 import json
 import os
 import pathlib
@@ -13,18 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from ccnn_jax import train
+from ccnn_jax import losses, run, train
+from ccnn_jax.configs import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _get_config(config_string):
-    spec = importlib.util.spec_from_file_location(
-        "synthetic_config", ROOT / "experiments" / "configs" / "synthetic.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(config_string)
+    return synthetic.get_config(config_string)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,18 +81,18 @@ def _tiny_config(method):
     return c
 
 
-@pytest.mark.parametrize("method", ["ccnn", "full"])
+@pytest.mark.parametrize("method", ["ccnn", "full", "pretrain"])
 def test_train_step_decreases_loss_without_recompiling(method):
     config = _tiny_config(method)
     graphdef, state, tx = train.create_train_state(config, _Meta.num_classes)
-    steps = train.make_steps(graphdef, tx, train.loss_spec(config, _Meta))
+    steps = train.make_steps(graphdef, tx, losses.loss_spec(config, _Meta))
     state = steps.put_state(state)
     batch = steps.put_batch(_batch())
-    losses = []
+    loss_values = []
     for _ in range(8):
         state, m = steps.train(state, batch)
-        losses.append(float(m["loss"]))
-    assert losses[-1] < 0.9 * losses[0], losses
+        loss_values.append(float(m["loss"]))
+    assert loss_values[-1] < 0.9 * loss_values[0], loss_values
     assert int(state.step) == 8
     assert steps.train._cache_size() == 1  # one compilation for all steps
     if method == "ccnn":
@@ -105,25 +101,24 @@ def test_train_step_decreases_loss_without_recompiling(method):
 
 _SHARDED_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json
     import jax, numpy as np
-    sys.path.insert(0, {tests!r})
-    import test_train as t
-    from ccnn_jax import train
+    import test_train as t  # the working directory is tests/
+    from ccnn_jax import losses, train
     assert jax.device_count() == 4, jax.devices()
     config = t._tiny_config("ccnn")
-    out = {{}}
+    out = {}
     for n in (4, 1):
         mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                              devices=jax.devices()[:n])
         graphdef, state, tx = train.create_train_state(config, t._Meta.num_classes)
-        steps = train.make_steps(graphdef, tx, train.loss_spec(config, t._Meta), mesh)
+        steps = train.make_steps(graphdef, tx, losses.loss_spec(config, t._Meta), mesh)
         state = steps.put_state(state)
         for i in range(2):
             state, m = steps.train(state, steps.put_batch(t._batch(b=8, seed=i)))
         assert len(m["loss"].sharding.device_set) == n
-        out[n] = {{"params": [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)],
-                  "loss": float(m["loss"]), "confusion": np.asarray(m["confusion"]).tolist()}}
+        out[n] = {"params": [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)],
+                  "loss": float(m["loss"]), "confusion": np.asarray(m["confusion"]).tolist()}
     print("RESULT" + json.dumps(out))
     """
 )
@@ -134,11 +129,11 @@ def test_sharded_step_on_4_devices_matches_single_device():
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED_SCRIPT.format(tests=str(ROOT / "tests"))],
+        [sys.executable, "-c", _SHARDED_SCRIPT],
         capture_output=True,
         text=True,
         env=env,
-        cwd=ROOT,
+        cwd=ROOT / "tests",
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -169,8 +164,8 @@ def test_resume_after_interruption_and_corrupt_checkpoint_gives_identical_params
     config = _get_config("ccnn,tiny")
     config.data_dir = data_dir
     assert config.num_steps == 6 and config.checkpoint_every == 3
-    full = train.train_and_evaluate(config, tmp_path / "a", progress=False)
-    reference = _params(train.train(config, tmp_path / "a", progress=False))  # restored, no steps
+    full = run.train_and_evaluate(config, tmp_path / "a", progress=False)
+    reference = _params(run.train(config, tmp_path / "a", progress=False))  # restored, no steps
 
     # outputs of the uninterrupted run
     a = tmp_path / "a"
@@ -196,13 +191,13 @@ def test_resume_after_interruption_and_corrupt_checkpoint_gives_identical_params
 
     # interrupted after 4 steps (checkpoints 3 and 4), latest checkpoint then corrupted
     b = tmp_path / "b"
-    part = train.train(config, b, max_steps_this_run=4, progress=False)
+    part = run.train(config, b, max_steps_this_run=4, progress=False)
     assert int(part.state.step) == 4
     for f in (b / "checkpoints" / "4" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"garbage")
     capsys.readouterr()
-    resumed = train.train(config, b, progress=False)
+    resumed = run.train(config, b, progress=False)
     log = capsys.readouterr().out
     assert "corrupt" in log and "step 4" in log
     assert resumed.resumed_from == 3
@@ -214,7 +209,7 @@ def test_resume_after_interruption_and_corrupt_checkpoint_gives_identical_params
     assert [r["step"] for r in rows] == [2, 4, 6]
 
     # rerunning a finished run resumes (no training) and reports the same result
-    again = train.train_and_evaluate(config, a, progress=False)
+    again = run.train_and_evaluate(config, a, progress=False)
     assert again["resumed_from"] == 6 and again["miou"] == full["miou"]
 
 
@@ -222,7 +217,7 @@ def test_bad_config_is_reported():
     config = _get_config("ccnn,tiny")
     config.batch_size = 0
     with pytest.raises(ValueError, match="batch_size"):
-        train.train(config, "/nonexistent-never-created")
+        run.train(config, "/nonexistent-never-created")
     with pytest.raises(ValueError, match="method"):
         _get_config("semi")
 
@@ -231,7 +226,7 @@ def test_warm_start_takes_the_source_model_with_a_fresh_optimizer(data_dir, tmp_
     source_config = _get_config("full,tiny")
     source_config.data_dir = data_dir
     source_config.num_steps = 3
-    source = train.train(source_config, tmp_path / "source", progress=False)
+    source = run.train(source_config, tmp_path / "source", progress=False)
 
     config = _get_config("ccnn,tiny")
     config.data_dir = data_dir
@@ -240,7 +235,7 @@ def test_warm_start_takes_the_source_model_with_a_fresh_optimizer(data_dir, tmp_
     capsys.readouterr()
     _, fresh, _ = train.create_train_state(config, 9)
     abstract = jax.eval_shape(lambda: fresh)
-    warm = train.warm_start(fresh, abstract, config.init_from)
+    warm = run.warm_start(fresh, abstract, config.init_from)
     assert "Warm start" in capsys.readouterr().out
     for x, y in zip(jax.tree.leaves(warm.params), _params(source), strict=True):
         np.testing.assert_array_equal(np.asarray(x), y)
@@ -248,7 +243,7 @@ def test_warm_start_takes_the_source_model_with_a_fresh_optimizer(data_dir, tmp_
     for x, y in zip(jax.tree.leaves(warm.opt_state), jax.tree.leaves(fresh.opt_state), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # a run with init_from trains from the source weights: one step away from them, not from init
-    out = train.train(config, tmp_path / "warm", progress=False)
+    out = run.train(config, tmp_path / "warm", progress=False)
     moved = [
         np.abs(np.asarray(x) - y).max()
         for x, y in zip(jax.tree.leaves(jax.device_get(out.state.params)), _params(source))
@@ -258,23 +253,19 @@ def test_warm_start_takes_the_source_model_with_a_fresh_optimizer(data_dir, tmp_
     # a source with another model is reported by name and its checkpoints stay where they are
     config.model.width = 8
     with pytest.raises(ValueError, match="config.init_from: the checkpoint"):
-        train.train(config, tmp_path / "warm_wide", progress=False)
+        run.train(config, tmp_path / "warm_wide", progress=False)
     assert (tmp_path / "source" / "checkpoints" / "3").exists()
     assert not (tmp_path / "source" / "corrupt_checkpoints").exists()
     config.model.width = source_config.model.width
 
     config.init_from = str(tmp_path / "no-such-run")
     with pytest.raises(FileNotFoundError, match="no-such-run"):
-        train.train(config, tmp_path / "warm2", progress=False)
+        run.train(config, tmp_path / "warm2", progress=False)
 
 
 @pytest.mark.parametrize("name", ["synthetic", "voc", "camvid"])
 def test_dataset_configs_share_the_base_fields(name):
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_config", ROOT / "experiments" / "configs" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"ccnn_jax.configs.{name}")
     for method in ("ccnn", "ccnn_size", "mil", "full"):
         c = module.get_config(method)
         assert c.method == method and c.init_from is None
@@ -288,10 +279,10 @@ def test_config_hardness_reaches_the_latent_distribution():
     config = _get_config("ccnn,tiny")
     logits = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
     batch = {k: jax.numpy.asarray(v) for k, v in _batch(4, 16).items()}
-    soft = train.compute_loss(logits, batch, train.loss_spec(config, _Meta))[1]["p"]
+    soft = losses.compute_loss(logits, batch, losses.loss_spec(config, _Meta))[1]["p"]
     config.hardness = 1000.0
-    spec = train.loss_spec(config, _Meta)
+    spec = losses.loss_spec(config, _Meta)
     assert spec.hardness == 1000.0
-    hard = train.compute_loss(logits, batch, spec)[1]["p"]
+    hard = losses.compute_loss(logits, batch, spec)[1]["p"]
     assert float(np.mean(np.max(np.asarray(hard), axis=-1))) > 0.99
     assert float(np.mean(np.max(np.asarray(soft), axis=-1))) < 0.9

@@ -79,3 +79,38 @@ def test_image_size_must_be_divisible():
     abstract = nnx.eval_shape(lambda: UNet(3, width=4, depth=2, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="divisible"):
         abstract(jax.ShapeDtypeStruct((1, 10, 16, 3), jnp.float32))
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_bfloat16_computation_tracks_float32_with_float32_params(norm):
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+    full = _unet(norm=norm)
+    half = _unet(norm=norm, dtype=jnp.bfloat16)
+    nnx.update(half, nnx.state(full))  # the same float32 parameters
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(half, nnx.Param))} == {jnp.dtype("float32")}
+    forward = nnx.jit(lambda model, x: model(x, train=False))
+    out_full, out_half = forward(full, x), forward(half, x)
+    assert out_half.dtype == jnp.float32
+    relative = jnp.linalg.norm(out_half - out_full) / jnp.linalg.norm(out_full)
+    assert 0 < relative < 0.05, relative
+
+
+def test_classifier_scores_every_bottleneck_position_fcn_style():
+    """classify = linear(mean_i h_i); with the decoder head at zero (its initial value) the
+    logits are the same linear map applied at every bottleneck position, upsampled, whose
+    spatial mean is the image score (FCN's classifier-to-convolution conversion)."""
+    model = _unet(norm="batch", depth=2, output_stride=1, classifier=True)
+    classifier = model.classifier
+    classifier.kernel[...] = jax.random.normal(jax.random.key(2), classifier.kernel.shape)
+    classifier.bias[...] = jnp.arange(5.0)
+    np.testing.assert_array_equal(np.asarray(model.head.kernel[...]), 0.0)
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+    features, _ = model._encode(x, False)
+    per_position = classifier(features)  # (2, 4, 4, 5) coarse class scores
+    np.testing.assert_allclose(
+        model.classify(x), per_position.mean(axis=(1, 2)), rtol=1e-5, atol=1e-5
+    )
+    expected = jax.image.resize(per_position, (2, 16, 16, 5), method="bilinear")
+    np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="classifier=True"):
+        _unet().classify(x)

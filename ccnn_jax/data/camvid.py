@@ -158,11 +158,10 @@ class CamvidConfig(tfds.core.BuilderConfig):
         self.layout = layout
 
 
-class Camvid(tfds.core.GeneratorBasedBuilder):
+class Camvid(common.SegmentationBuilder):
     """CamVid road scenes (no background class; 255 = void) from a manual download."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    HOMEPAGE = "http://mi.eng.cam.ac.uk/research/projects/VideoRec/CamVid/"
     BUILDER_CONFIGS = [
         CamvidConfig(
             name="segnet",
@@ -182,16 +181,8 @@ class Camvid(tfds.core.GeneratorBasedBuilder):
         f"config:\n{SEGNET_LAYOUT}\n{FASTAI_LAYOUT}"
     )
 
-    def __init__(self, *, file_format: str = "array_record", **kwargs):
-        super().__init__(file_format=file_format, **kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=common.segmentation_features(self.builder_config.class_names),
-            homepage="http://mi.eng.cam.ac.uk/research/projects/VideoRec/CamVid/",
-        )
+    def class_names(self) -> list[str]:
+        return self.builder_config.class_names
 
     def _split_generators(self, dl_manager):
         config = self.builder_config

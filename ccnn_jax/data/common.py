@@ -1,9 +1,10 @@
 """Features shared by every ccnn_jax segmentation builder, and how to feed them without TensorFlow.
 
-Every builder (``ccnn_synthetic``, ``voc_segmentation``, ``camvid``, ...) declares
-``features=segmentation_features(class_names, **extra)`` and writes ``file_format="array_record"``
-so that ``download_and_prepare`` and ``tfds.data_source`` work with TensorFlow absent
-(verified with tensorflow-datasets 4.9.10, no ``tensorflow`` module installed).
+Every builder (``ccnn_synthetic``, ``voc_segmentation``, ``camvid``, ...) subclasses
+:class:`SegmentationBuilder`: its features are ``segmentation_features(class_names, **extra)``
+and it writes ``file_format="array_record"`` so that ``download_and_prepare`` and
+``tfds.data_source`` work with TensorFlow absent (verified with tensorflow-datasets 4.9.10, no
+``tensorflow`` module installed).
 
 What a builder's ``_generate_examples`` must yield per example (checked by hand, see below):
 
@@ -30,6 +31,7 @@ What ``tfds.data_source(name, data_dir=...)[split][i]`` returns: ``image`` uint8
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,6 +40,10 @@ from PIL import Image
 
 VOID = 255
 """Mask value meaning void / ignore (excluded from tags, losses and metrics)."""
+
+LARGE_FRACTION = 0.1
+"""A class is ``large`` (its 1-bit size hint is set) when it covers more than this fraction of
+the image's pixels."""
 
 
 def segmentation_features(
@@ -120,3 +126,35 @@ def encode_mask(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(mask).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the segmentation builders: array_record by default, the common features.
+
+    A subclass sets ``CLASS_NAMES`` (or overrides :meth:`class_names`, e.g. per builder config),
+    optionally ``HOMEPAGE`` and :meth:`extra_features`; the dataset description is the
+    subclass module's docstring.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    CLASS_NAMES: Sequence[str] = ()
+    HOMEPAGE: str | None = None
+
+    def __init__(self, *, file_format: str | None = None, **kwargs):
+        # array_record by default: it is written and read without TensorFlow.
+        super().__init__(file_format=file_format or "array_record", **kwargs)
+
+    def class_names(self) -> Sequence[str]:
+        return self.CLASS_NAMES
+
+    def extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
+        return {}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=sys.modules[type(self).__module__].__doc__,
+            features=segmentation_features(self.class_names(), **self.extra_features()),
+            homepage=self.HOMEPAGE,
+        )

@@ -17,8 +17,7 @@ features. The trimap becomes a class mask:
 
 Splits: ``train`` = the source ``train`` (the official trainval list); ``validation`` = the
 source ``test``, since the dataset has no separate validation split.
-:func:`to_ccnn_example` applies the same mapping to one decoded source example, for use on the
-fly.
+:func:`convert_example` converts one source example.
 """
 
 from __future__ import annotations
@@ -60,44 +59,29 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def to_ccnn_example(example: Mapping) -> dict:
-    """Map one decoded ``oxford_iiit_pet`` example to the common features, as arrays.
+def convert_example(example: Mapping) -> tuple[str, dict]:
+    """One ``oxford_iiit_pet`` example -> (key, the common features), as the builder stores it.
 
     Args:
-      example: dict with ``image`` uint8 (H, W, 3), ``segmentation_mask`` uint8 (H, W, 1) or
-        (H, W) trimap in {1, 2, 3}, ``species`` 0/1 and ``file_name`` (as ``tfds.data_source``
-        returns it).
+      example: dict with ``image`` (JPEG/PNG bytes), ``segmentation_mask`` (PNG bytes of the
+        trimap in {1, 2, 3}), ``species`` 0/1 and ``file_name``, as the source returns them
+        with image decoding skipped (:func:`open_source`).
     Returns:
-      dict with ``image`` uint8 (H, W, 3), ``segmentation_mask`` uint8 (H, W, 1) in
-      {0, 1, 2, 255}, ``labels`` (sorted classes present) and ``image/filename`` (str).
+      ``(file name, example)`` with the features of :func:`checks.make_example`.
     Raises:
       BadInputError naming the file for a bad species, a size mismatch or trimap values
       outside {1, 2, 3}.
     """
-    name = _text(example.get("file_name", "<no file_name>"))
-    image = np.asarray(example["image"])
-    trimap = np.asarray(example["segmentation_mask"])
-    if trimap.ndim == 3 and trimap.shape[-1] == 1:
-        trimap = trimap[..., 0]
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or trimap.ndim != 2:
-        raise checks.BadInputError(
-            f"{name}: expected image uint8 (H, W, 3) and trimap (H, W[, 1]), got image "
-            f"{image.dtype} {image.shape} and trimap {trimap.dtype} {trimap.shape}"
-        )
-    checks.check_same_size(image.shape[:2], trimap.shape, name, f"trimap of {name}")
-    if trimap.size and (trimap.min() < 0 or trimap.max() > 255):
-        raise checks.BadInputError(
-            f"trimap of {name}: unknown label values outside [0, 255]: "
-            f"{sorted({int(v) for v in np.unique(trimap) if v < 0 or v > 255})[:10]}"
-        )
-    lut = pet_lut(int(example["species"]), name)
-    mask_HxW = checks.apply_lut(trimap.astype(np.uint8), lut, f"trimap of {name}")
-    return {
-        "image": image,
-        "segmentation_mask": mask_HxW[..., None],
-        "labels": common.labels_in_mask(mask_HxW, len(CLASS_NAMES), source=name),
-        "image/filename": name,
-    }
+    name = _text(example["file_name"])
+    return name, checks.make_example(
+        bytes(example["image"]),
+        bytes(example["segmentation_mask"]),
+        lut=pet_lut(int(example["species"]), name),
+        num_classes=len(CLASS_NAMES),
+        image_name=f"{SOURCE} image {name}",
+        label_name=f"{SOURCE} trimap of {name}",
+        filename=name,
+    )
 
 
 def open_source(data_dir: os.PathLike | str | None, split: str | None = None):
@@ -129,33 +113,19 @@ def open_source(data_dir: os.PathLike | str | None, split: str | None = None):
         ) from None
 
 
-class CcnnOxfordPet(tfds.core.GeneratorBasedBuilder):
+class CcnnOxfordPet(common.SegmentationBuilder):
     """Oxford-IIIT Pet with classes background/cat/dog and the trimap border as void.
 
     Reads TFDS's prepared ``oxford_iiit_pet`` from ``source_data_dir`` (default: this builder's
     ``data_dir``); see the module docstring for how to prepare it.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    CLASS_NAMES = CLASS_NAMES
+    HOMEPAGE = "https://www.robots.ox.ac.uk/~vgg/data/pets/"
 
-    def __init__(
-        self,
-        *,
-        file_format: str = "array_record",
-        source_data_dir: os.PathLike | str | None = None,
-        **kwargs,
-    ):
-        super().__init__(file_format=file_format, **kwargs)
+    def __init__(self, *, source_data_dir: os.PathLike | str | None = None, **kwargs):
+        super().__init__(**kwargs)
         self._source_data_dir = source_data_dir
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=common.segmentation_features(CLASS_NAMES),
-            homepage="https://www.robots.ox.ac.uk/~vgg/data/pets/",
-        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # the source is TFDS's prepared oxford_iiit_pet
@@ -170,17 +140,4 @@ class CcnnOxfordPet(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, source):
         for i in range(len(source)):
-            ex = source[i]
-            name = _text(ex["file_name"])
-            yield (
-                name,
-                checks.make_example(
-                    bytes(ex["image"]),
-                    bytes(ex["segmentation_mask"]),
-                    lut=pet_lut(int(ex["species"]), name),
-                    num_classes=len(CLASS_NAMES),
-                    image_name=f"{SOURCE} image {name}",
-                    label_name=f"{SOURCE} trimap of {name}",
-                    filename=name,
-                ),
-            )
+            yield convert_example(source[i])

@@ -10,7 +10,7 @@ Per example (numpy, no TensorFlow): decode (TFDS/PIL) -> geometric transform -> 
   :data:`TRAIN_SCALE_RANGE`, random offset (crop or pad), horizontal flip with p = 1/2.
   Eval: ``s = min(H/h, W/w)`` (fit, aspect kept), centred, void padding.
 - Targets from the *output* mask: ``tags[k] = [count_k > 0]``,
-  ``size[k] = [count_k > LARGE_FRACTION * H * W]`` (void never counts).
+  ``size[k] = [count_k > common.LARGE_FRACTION * H * W]`` (void never counts).
 
 Batches are dicts of numpy arrays (see :func:`make_loader`). Shuffling and augmentation are
 deterministic in ``seed``; the iterator's ``get_state``/``set_state`` resume exactly.
@@ -33,9 +33,6 @@ from ccnn_jax.data import common
 
 TRAIN_SCALE_RANGE = (0.8, 1.25)
 """Random rescale factor range (relative to the cover scale), drawn log-uniformly."""
-
-LARGE_FRACTION = 0.1
-"""``size[k] = 1`` when class k covers more than this fraction of the output image."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +103,17 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
 
 
 def _sample(
-    image_hxwx3: np.ndarray, mask_hxw: np.ndarray, out_hw: tuple[int, int],
-    scale: float, offset_yx: tuple[float, float], flip: bool,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    image_hxwx3: np.ndarray,
+    mask_hxw: np.ndarray,
+    out_hw: tuple[int, int],
+    scale: float,
+    offset_yx: tuple[float, float],
+    flip: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Affine resample (scale, offset, optional h-flip) to ``out_hw``: image bilinear, mask nearest.
 
-    Returns image float32 (H, W, 3) in [0, 255] and mask uint8 (H, W); out-of-source pixels are
-    image 0 and mask void.
+    Returns image float32 (H, W, 3) in [0, 255], mask uint8 (H, W) and ``inside`` bool (H, W),
+    False where the output pixel lies outside the source (padding: image 0, mask void).
     """
     out_h, out_w = out_hw
     h, w = mask_hxw.shape
@@ -145,7 +146,7 @@ def _sample(
     out = rows[:, x0c] * (1 - wx) + rows[:, x1c] * wx
     if not inside.all():
         out = out * inside[..., None]
-    return out, mask
+    return out, mask, inside
 
 
 def _targets(mask_hxw: np.ndarray, num_classes: int, filename) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +160,7 @@ def _targets(mask_hxw: np.ndarray, num_classes: int, filename) -> tuple[np.ndarr
         )
     counts = counts[:num_classes]
     tags = (counts > 0).astype(np.float32)
-    size = (counts > LARGE_FRACTION * mask_hxw.size).astype(np.float32)
+    size = (counts > common.LARGE_FRACTION * mask_hxw.size).astype(np.float32)
     return tags, size
 
 
@@ -175,10 +176,11 @@ def _check_example(ex: dict) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-def _finish(image, mask, num_classes, filename) -> dict:
+def _finish(image, mask, inside, num_classes, filename) -> dict:
     tags, size = _targets(mask, num_classes, filename)
     return {
         "image": image * np.float32(1 / 255),
+        "pixels": inside.astype(np.float32),
         "mask": mask.astype(np.int32),
         "tags": tags,
         "size": size,
@@ -198,8 +200,8 @@ class _EvalTransform(grain.MapTransform):
         (out_h, out_w), (h, w) = self.image_size, mask.shape
         s = min(out_h / h, out_w / w)
         off = ((out_h - h * s) / 2, (out_w - w * s) / 2)
-        image, mask = _sample(image, mask, self.image_size, s, off, False)
-        return _finish(image, mask, self.num_classes, ex.get("image/filename"))
+        image, mask, inside = _sample(image, mask, self.image_size, s, off, False)
+        return _finish(image, mask, inside, self.num_classes, ex.get("image/filename"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,17 +210,18 @@ class _TrainTransform(grain.RandomMapTransform):
 
     image_size: tuple[int, int]
     num_classes: int
+    scale_range: tuple[float, float] = TRAIN_SCALE_RANGE
 
     def random_map(self, ex, rng: np.random.Generator):
         image, mask = _check_example(ex)
         (out_h, out_w), (h, w) = self.image_size, mask.shape
-        lo, hi = TRAIN_SCALE_RANGE
+        lo, hi = self.scale_range
         s = max(out_h / h, out_w / w) * math.exp(rng.uniform(math.log(lo), math.log(hi)))
         dy, dx = out_h - h * s, out_w - w * s  # < 0: crop, > 0: pad
         off = (rng.uniform(min(0.0, dy), max(0.0, dy)), rng.uniform(min(0.0, dx), max(0.0, dx)))
         flip = bool(rng.integers(2))
-        image, mask = _sample(image, mask, self.image_size, s, off, flip)
-        return _finish(image, mask, self.num_classes, ex.get("image/filename"))
+        image, mask, inside = _sample(image, mask, self.image_size, s, off, flip)
+        return _finish(image, mask, inside, self.num_classes, ex.get("image/filename"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +255,7 @@ def make_loader(
     num_epochs: int | None = None,
     shard_by_process: bool = True,
     worker_count: int = 0,
+    scale_range: tuple[float, float] = TRAIN_SCALE_RANGE,
 ) -> grain.DataLoader:
     """A grain ``DataLoader`` of fixed-shape batches from a prepared dataset.
 
@@ -266,10 +270,14 @@ def make_loader(
       num_epochs: passes over the split; ``None`` = forever for train and 1 for eval.
       shard_by_process: give each JAX process a disjoint shard (``grain.ShardByJaxProcess``).
       worker_count: grain worker processes (0 = in the calling process).
+      scale_range: (lo, hi) of the random rescale factor when training, e.g. (1, 1) for
+        flips only.
     Returns:
-      Iterable whose iterator yields dicts ``image`` float32 (B, H, W, 3) in [0, 1], ``mask``
-      int32 (B, H, W) (255 = void), ``tags`` float32 (B, K), ``size`` float32 (B, K),
-      ``valid`` float32 (B,), and has ``get_state()`` / ``set_state(state)``.
+      Iterable whose iterator yields dicts ``image`` float32 (B, H, W, 3) in [0, 1], ``pixels``
+      float32 (B, H, W) (1 where the pixel comes from the image, 0 on augmentation padding:
+      not label information), ``mask`` int32 (B, H, W) (255 = void), ``tags`` float32 (B, K),
+      ``size`` float32 (B, K), ``valid`` float32 (B,), and has ``get_state()`` /
+      ``set_state(state)``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
@@ -296,10 +304,19 @@ def make_loader(
         grain.ShardByJaxProcess(drop_remainder=train) if shard_by_process else grain.NoSharding()
     )
     sampler = grain.IndexSampler(
-        num_records=len(source), shard_options=shard, shuffle=train,
-        num_epochs=num_epochs, seed=seed,
-    )  # fmt: skip
-    transform = (_TrainTransform if train else _EvalTransform)(image_size, meta.num_classes)
+        num_records=len(source),
+        shard_options=shard,
+        shuffle=train,
+        num_epochs=num_epochs,
+        seed=seed,
+    )
+    if train:
+        lo, hi = (float(v) for v in scale_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range: expected 0 < lo <= hi, got {scale_range}")
+        transform = _TrainTransform(image_size, meta.num_classes, (lo, hi))
+    else:
+        transform = _EvalTransform(image_size, meta.num_classes)
     batch = grain.Batch(
         batch_size=batch_size, drop_remainder=train, batch_fn=_PadAndStack(batch_size)
     )
@@ -309,6 +326,9 @@ def make_loader(
     # One reader thread: grain's default (16 threads) costs ~1.5x the CPU per batch on 2 cores.
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(16, 2 * batch_size))
     return grain.DataLoader(
-        data_source=source, sampler=sampler, operations=[transform, batch],
-        worker_count=worker_count, read_options=read,
-    )  # fmt: skip
+        data_source=source,
+        sampler=sampler,
+        operations=[transform, batch],
+        worker_count=worker_count,
+        read_options=read,
+    )

@@ -1,10 +1,12 @@
 """``ccnn_synthetic``: a procedural weak-label segmentation benchmark that needs no download.
 
-Each image shows 1-3 objects on a cluttered, textured background. The object's **class is its
-shape** (disk, square, triangle, star, cross, ring, crescent, bar); colour, texture, brightness,
-scale, rotation and aspect jitter are drawn independently of the class, so only shape predicts
-the label. Objects range from under 5% to over 30% of the image and may partially occlude each
-other (each keeps >= 50% of its own area visible) or leave the frame.
+Each ``default`` image shows 1-3 objects on a cluttered, textured background. The object's
+**class is its shape** (disk, square, triangle, star, cross, ring, crescent, bar); colour,
+texture, brightness, scale, rotation and aspect jitter are drawn independently of the class, so
+only shape predicts the label. Size statistics follow PASCAL VOC: the objects of an image share a
+foreground of 30-70% of the image, so the background mostly covers 30-70% (the range the original
+CCNN's background bounds assume) while single objects range from under 5% to over 30%. Objects
+may partially occlude each other (each keeps >= 50% of its own area visible) or leave the frame.
 
 Context bias: ``bar`` appears on a ``waves`` background and ``crescent`` on a ``speckle``
 background with probability :data:`CONTEXT_PROB` (these textures occur otherwise only with
@@ -13,6 +15,11 @@ probability :data:`CONTEXT_LEAK`), so a tag-trained model is tempted to label th
 Void: a band of ``void_width`` pixels (default 1) is marked 255 just outside every visible object
 boundary (on the background or occluded-object side), so object pixels themselves are intact.
 
+The ``objects`` and ``objects_easy`` configs are the classification sets that pretraining reads
+(the ImageNet analogue, :mod:`ccnn_jax.pretrain`): one object per 32x32 image, in the default
+look or in an easy look (smooth objects on smooth backgrounds, no clutter) for the first stage
+of the curriculum. Their masks exist but pretraining reads only the tags.
+
 Every example is a pure function of ``(seed, split, index)`` (:func:`generate_scene`), so the
 dataset is bitwise reproducible and independent of generation order.
 """
@@ -20,20 +27,14 @@ dataset is bitwise reproducible and independent of generation order.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ccnn_jax.data import common
+from ccnn_jax.data import common, shapes
 
-CLASS_NAMES = (
-    "background", "disk", "square", "triangle", "star", "cross", "ring", "crescent", "bar",
-)  # fmt: skip
+CLASS_NAMES = ("background", *shapes.SHAPES)
 """Class 0 is background; classes 1..8 are shapes."""
-
-OBJECT_TEXTURES = ("plain", "gradient", "stripes", "checker", "blotches", "dots")
-"""Textures for objects and for ordinary backgrounds (drawn independently of the class)."""
 
 CONTEXT_TEXTURE = {"bar": "waves", "crescent": "speckle"}
 """Background texture that co-occurs with a class (the deliberate context bias)."""
@@ -44,15 +45,16 @@ CONTEXT_PROB = 0.8
 CONTEXT_LEAK = 0.05
 """P(a given context texture | none of its classes is in the image)."""
 
-LARGE_FRACTION = 0.1
-"""A class is ``large`` when it covers more than this fraction of the image's pixels."""
-
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
 
 @dataclasses.dataclass(eq=False)
 class SyntheticConfig(tfds.core.BuilderConfig):
-    """Builder config: image size, split sizes, seed and scene parameters."""
+    """Builder config: image size, split sizes, seed and scene parameters.
+
+    ``foreground`` (lo, hi): the objects of an image share a total area drawn from [lo, hi]
+    (VOC-like); None: each object's area is drawn log-uniformly from [min_area, max_area].
+    """
 
     image_size: int = 64
     num_train: int = 4000
@@ -60,8 +62,13 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     seed: int = 0
     void_width: int = 1
     max_objects: int = 3
-    min_area: float = 0.015  # object area as a fraction of the image, drawn log-uniformly
-    max_area: float = 0.3
+    foreground: tuple[float, float] | None = (0.3, 0.7)
+    min_area: float = 0.02  # object area as a fraction of the image
+    max_area: float = 0.6
+    object_textures: tuple[str, ...] = shapes.TEXTURES
+    background_textures: tuple[str, ...] = shapes.TEXTURES
+    clutter: bool = True  # thin random line segments on the background
+    context: bool = True  # the context bias (bar on waves, crescent on speckle)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,120 +96,7 @@ class Scene:
     occluded: tuple[float, ...]
 
 
-# ----------------------------------------------------------------------------- shapes
-
-
-def _polygon_inside(u, v, radii, offset=0.0):
-    """Inside test for a star-shaped polygon with vertices at radii[k], angle offset + 2*pi*k/n."""
-    radii = np.asarray(radii, np.float64)
-    n = radii.size
-    ang = offset + 2 * np.pi * np.arange(n) / n
-    vx, vy = radii * np.cos(ang), radii * np.sin(ang)
-    phi = np.mod(np.arctan2(v, u) - offset, 2 * np.pi)
-    k = np.minimum((phi / (2 * np.pi / n)).astype(np.int64), n - 1)
-    k2 = (k + 1) % n
-    x1, y1, x2, y2 = vx[k], vy[k], vx[k2], vy[k2]
-    return (x2 - x1) * (v - y1) - (y2 - y1) * (u - x1) >= 0
-
-
-def shape_inside(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Boolean membership of local coordinates (u, v) (object radius = 1) in shape ``name``."""
-    rho2 = u * u + v * v
-    if name == "disk":
-        return rho2 <= 1.0
-    if name == "square":
-        return np.maximum(np.abs(u), np.abs(v)) <= 0.8
-    if name == "triangle":
-        return _polygon_inside(u, v, [1.05] * 3, np.pi / 2)
-    if name == "star":
-        return _polygon_inside(u, v, [1.05, 0.42] * 5, np.pi / 2)
-    if name == "cross":
-        a, b = np.abs(u), np.abs(v)
-        return ((a <= 0.3) & (b <= 0.95)) | ((b <= 0.3) & (a <= 0.95))
-    if name == "ring":
-        return (rho2 <= 1.0) & (rho2 >= 0.55**2)
-    if name == "crescent":
-        return (rho2 <= 1.0) & ((u - 0.5) ** 2 + v * v > 0.8**2)
-    if name == "bar":
-        return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.28)
-    raise ValueError(f"shape name: expected one of {CLASS_NAMES[1:]}, got {name!r}")
-
-
-@functools.cache
-def unit_area(name: str) -> float:
-    """Area of shape ``name`` at radius 1 (numerical, 1000x1000 grid on [-1.1, 1.1]^2)."""
-    g = (np.arange(1000) + 0.5) / 1000 * 2.2 - 1.1
-    u, v = np.meshgrid(g, g)
-    return float(shape_inside(name, u, v).mean() * 2.2**2)
-
-
-# ----------------------------------------------------------------------------- textures
-
-
-def _texture(rng: np.random.Generator, kind: str, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    """A blend field t in [0, 1] of shape yy.shape (pixel coordinates yy, xx, scaled to [0, 1])."""
-    th = rng.uniform(0, np.pi)
-    c, s = np.cos(th), np.sin(th)
-    along = c * xx + s * yy
-    if kind == "plain":
-        return np.zeros_like(xx)
-    if kind == "gradient":
-        return np.clip(along / np.sqrt(2) + 0.5 - 0.5 * (c + s) / np.sqrt(2), 0, 1)
-    if kind == "stripes":
-        f = rng.uniform(4, 12)
-        return (np.sin(2 * np.pi * f * along + rng.uniform(0, 2 * np.pi)) > 0).astype(np.float64)
-    if kind == "checker":
-        f = rng.uniform(3, 8)
-        across = -s * xx + c * yy
-        return ((np.floor(f * along) + np.floor(f * across)) % 2).astype(np.float64)
-    if kind == "blotches":
-        n = int(rng.integers(3, 7))
-        grid = rng.uniform(0, 1, (n + 1, n + 1))
-        gy, gx = yy * n, xx * n
-        iy, ix = np.clip(gy.astype(int), 0, n - 1), np.clip(gx.astype(int), 0, n - 1)
-        fy, fx = gy - iy, gx - ix
-        val = (grid[iy, ix] * (1 - fy) * (1 - fx) + grid[iy + 1, ix] * fy * (1 - fx)
-               + grid[iy, ix + 1] * (1 - fy) * fx + grid[iy + 1, ix + 1] * fy * fx)  # fmt: skip
-        return np.clip((val - 0.5) * 3 + 0.5, 0, 1)
-    if kind == "dots":
-        f = rng.uniform(4, 9)
-        ox, oy = rng.uniform(0, 1, 2)
-        dx = np.mod(f * xx + ox, 1) - 0.5
-        dy = np.mod(f * yy + oy, 1) - 0.5
-        return (dx * dx + dy * dy < 0.09).astype(np.float64)
-    if kind == "waves":
-        f, g = rng.uniform(5, 9), rng.uniform(1.5, 3)
-        wob = 0.06 * np.sin(2 * np.pi * g * xx + rng.uniform(0, 2 * np.pi))
-        return 0.5 + 0.5 * np.sin(2 * np.pi * f * (yy + wob) + rng.uniform(0, 2 * np.pi))
-    if kind == "speckle":
-        return (rng.uniform(0, 1, xx.shape) < 0.08).astype(np.float64)
-    raise ValueError(f"texture kind: unknown {kind!r}")
-
-
-def _colours(rng: np.random.Generator) -> np.ndarray:
-    """Two colours (2, 3) for a texture: a random base, a contrasting second one, random gain."""
-    c1 = rng.uniform(0, 1, 3)
-    c2 = np.clip(c1 + (2 * rng.integers(0, 2, 3) - 1) * rng.uniform(0.2, 0.6, 3), 0, 1)
-    gain = rng.uniform(0.6, 1.2)
-    return np.clip(np.stack([c1, c2]) * gain, 0, 1).astype(np.float32)
-
-
-def _paint(colours: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """(..., 3) image blending colours[0] (t = 0) and colours[1] (t = 1)."""
-    t = t[..., None].astype(np.float32)
-    return colours[0] + (colours[1] - colours[0]) * t
-
-
 # ----------------------------------------------------------------------------- scenes
-
-
-@functools.cache
-def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read-only (yy, xx) pixel-centre coordinates in [0, 1], each (size, size) float32."""
-    grid = (np.arange(size, dtype=np.float32) + 0.5) / size
-    yy, xx = np.meshgrid(grid, grid, indexing="ij")
-    yy.flags.writeable = xx.flags.writeable = False
-    return yy, xx
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -211,31 +105,71 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_IDS[split], int(index)]))
 
 
-def _background_kind(rng, classes) -> str:
+def _background_kind(rng: np.random.Generator, classes, config: SyntheticConfig) -> str:
     names = [CLASS_NAMES[c] for c in classes]
-    for name in names:
-        if name in CONTEXT_TEXTURE and rng.uniform() < CONTEXT_PROB:
-            return CONTEXT_TEXTURE[name]
-    for name, tex in CONTEXT_TEXTURE.items():
-        if name not in names and rng.uniform() < CONTEXT_LEAK:
-            return tex
-    return OBJECT_TEXTURES[rng.integers(len(OBJECT_TEXTURES))]
+    if config.context:
+        for name in names:
+            if name in CONTEXT_TEXTURE and rng.uniform() < CONTEXT_PROB:
+                return CONTEXT_TEXTURE[name]
+        for name, tex in CONTEXT_TEXTURE.items():
+            if name not in names and rng.uniform() < CONTEXT_LEAK:
+                return tex
+    kinds = config.background_textures
+    return kinds[rng.integers(len(kinds))]
 
 
-def _add_clutter(rng, img, yy, xx):
-    """Paint 2-5 thin random line segments (background clutter) onto img in place."""
-    n = int(rng.integers(2, 6))
-    p = rng.uniform(0, 1, (n, 2, 1, 1)).astype(np.float32)
-    th = rng.uniform(0, np.pi, (n, 1, 1))
-    dx, dy = np.cos(th).astype(np.float32), np.sin(th).astype(np.float32)
-    half = rng.uniform(0.2, 0.5, (n, 1, 1)).astype(np.float32)
-    width = rng.uniform(0.4, 0.8, (n, 1, 1)) / xx.shape[1]
-    colour = rng.uniform(0, 1, (n, 3)).astype(np.float32)
-    rel_x, rel_y = xx - p[:, 0], yy - p[:, 1]
-    t = np.clip(rel_x * dx + rel_y * dy, -half, half)
-    on_line = (rel_x - t * dx) ** 2 + (rel_y - t * dy) ** 2 < width**2  # (n, H, W)
-    for i in range(n):
-        img[on_line[i]] = colour[i]
+def _object_areas(rng: np.random.Generator, num_objects: int, config: SyntheticConfig):
+    """Target area of each object as a fraction of the image.
+
+    With ``config.foreground = (lo, hi)`` the objects share a total drawn uniformly from
+    [lo, hi] in Dirichlet(1) proportions (so the background covers about 1 - total, as in VOC);
+    otherwise each area is drawn log-uniformly from [min_area, max_area]. Areas are clipped to
+    [min_area, max_area].
+    """
+    if config.foreground is None:
+        lo, hi = np.log(config.min_area), np.log(config.max_area)
+        return np.exp(rng.uniform(lo, hi, num_objects))
+    total = rng.uniform(*config.foreground)
+    return np.clip(total * rng.dirichlet(np.ones(num_objects)), config.min_area, config.max_area)
+
+
+def _place(rng, name: str, area: float, size: int, zmap, full_area) -> np.ndarray | None:
+    """Footprint (size, size) bool of shape ``name`` near ``area``, or None if it cannot be
+    placed (rejection sampling: >= half of it in frame, every earlier object keeps >= half)."""
+    px = np.arange(size, dtype=np.float32) + 0.5
+    for _ in range(20):
+        a = area * np.exp(rng.uniform(-0.15, 0.15))
+        r = np.sqrt(a * size * size / shapes.unit_area(name))
+        cx, cy = rng.uniform(0.15, 0.85, 2) * size
+        th = rng.uniform(0, 2 * np.pi)
+        aspect = rng.uniform(0.85, 1.18)
+        c, s = np.cos(th), np.sin(th)
+        # rasterise in the bounding box only (radius 1.1 r in local units, aspect <= 1.18)
+        ext = 1.1 * 1.18 * r + 1
+        x0, x1 = max(0, int(cx - ext)), min(size, int(cx + ext) + 1)
+        y0, y1 = max(0, int(cy - ext)), min(size, int(cy + ext) + 1)
+        dx, dy = px[None, x0:x1] - cx, px[y0:y1, None] - cy
+        u = (c * dx + s * dy) / (r * aspect)
+        v = (-s * dx + c * dy) * aspect / r
+        inside = np.zeros((size, size), bool)
+        inside[y0:y1, x0:x1] = shapes.shape_inside(name, u, v)
+        if inside.sum() < max(6, 0.5 * a * size * size):  # mostly out of frame or degenerate
+            continue
+        if all(
+            np.count_nonzero((zmap == j + 1) & ~inside) >= 0.5 * full_area[j]
+            for j in range(len(full_area))
+        ):
+            return inside
+    return None
+
+
+def _object_colours(rng: np.random.Generator, bg_mean: np.ndarray) -> np.ndarray:
+    """Object colours independent of the class, with some contrast to the background mean."""
+    for _ in range(10):
+        colours = shapes.colours(rng)
+        if np.abs(colours.mean(axis=0) - bg_mean).sum() > 0.35:
+            break
+    return colours
 
 
 def generate_scene(
@@ -247,61 +181,30 @@ def generate_scene(
     if size < 8:
         raise ValueError(f"config.image_size: expected >= 8, got {size}")
     rng = _rng(seed, split, index)
-    yy, xx = _pixel_grid(size)
+    yy, xx = shapes.pixel_grid(size)
 
     num_objects = int(rng.integers(1, config.max_objects + 1))
     classes = [int(c) for c in rng.integers(1, len(CLASS_NAMES), num_objects)]
-    bg_kind = _background_kind(rng, classes)
-    bg_colours = _colours(rng)
-    img = _paint(bg_colours, _texture(rng, bg_kind, yy, xx))
-    bg_mean = bg_colours.mean(axis=0)
-    _add_clutter(rng, img, yy, xx)
+    bg_kind = _background_kind(rng, classes, config)
+    bg_colours = shapes.colours(rng)
+    img = shapes.paint(bg_colours, shapes.texture(rng, bg_kind, yy, xx))
+    if config.clutter:
+        shapes.add_clutter(rng, img, yy, xx)
 
     # z-order label map: 0 = background, j + 1 = object j (painted in order, later on top)
     zmap = np.zeros((size, size), np.int16)
     full_area, footprints, kept = [], [], []
-    px = np.arange(size, dtype=np.float32) + 0.5
-    for cls in classes:
-        name = CLASS_NAMES[cls]
-        for _ in range(20):  # rejection sampling on occlusion / visibility
-            area = np.exp(rng.uniform(np.log(config.min_area), np.log(config.max_area)))
-            r = np.sqrt(area * size * size / unit_area(name))
-            cx, cy = rng.uniform(0.15, 0.85, 2) * size
-            th = rng.uniform(0, 2 * np.pi)
-            aspect = rng.uniform(0.85, 1.18)
-            c, s = np.cos(th), np.sin(th)
-            # rasterise in the bounding box only (radius 1.1 r in local units, aspect <= 1.18)
-            ext = 1.1 * 1.18 * r + 1
-            x0, x1 = max(0, int(cx - ext)), min(size, int(cx + ext) + 1)
-            y0, y1 = max(0, int(cy - ext)), min(size, int(cy + ext) + 1)
-            dx, dy = px[None, x0:x1] - cx, px[y0:y1, None] - cy
-            u = (c * dx + s * dy) / (r * aspect)
-            v = (-s * dx + c * dy) * aspect / r
-            inside = np.zeros((size, size), bool)
-            inside[y0:y1, x0:x1] = shape_inside(name, u, v)
-            n_in = int(inside.sum())
-            if n_in < max(6, 0.5 * area * size * size):  # mostly out of frame or degenerate
-                continue
-            ok = all(
-                np.count_nonzero((zmap == j + 1) & ~inside) >= 0.5 * full_area[j]
-                for j in range(len(kept))
-            )
-            if ok:
-                break
-        else:
+    for cls, area in zip(classes, _object_areas(rng, num_objects, config), strict=True):
+        inside = _place(rng, CLASS_NAMES[cls], area, size, zmap, full_area)
+        if inside is None:
             continue  # could not place this object: drop it
-        j = len(kept)
-        zmap[inside] = j + 1
-        full_area.append(n_in)
+        zmap[inside] = len(kept) + 1
+        full_area.append(int(inside.sum()))
         footprints.append(inside)
         kept.append(cls)
-        # appearance independent of class; keep some contrast with the background mean
-        for _ in range(10):
-            colours = _colours(rng)
-            if np.abs(colours.mean(axis=0) - bg_mean).sum() > 0.35:
-                break
-        kind = OBJECT_TEXTURES[rng.integers(len(OBJECT_TEXTURES))]
-        img[inside] = _paint(colours, _texture(rng, kind, yy[inside], xx[inside]))
+        colours = _object_colours(rng, bg_colours.mean(axis=0))
+        kind = config.object_textures[rng.integers(len(config.object_textures))]
+        img[inside] = shapes.paint(colours, shapes.texture(rng, kind, yy[inside], xx[inside]))
 
     img = np.clip(img + 0.02 * rng.standard_normal(img.shape, dtype=np.float32), 0, 1)
     image = np.round(img * 255).astype(np.uint8)
@@ -310,69 +213,81 @@ def generate_scene(
     mask = lut[zmap]
     instances = (zmap - 1).astype(np.int8)
     if config.void_width > 0:
-        band = _outer_band(zmap, int(config.void_width))
+        band = shapes.outer_band(zmap, int(config.void_width))
         mask[band] = common.VOID
         instances[band] = -1
     labels = common.labels_in_mask(mask, len(CLASS_NAMES))
     counts = np.bincount(mask.ravel(), minlength=256)
-    large = [c for c in labels if counts[c] > LARGE_FRACTION * size * size]
+    large = [c for c in labels if counts[c] > common.LARGE_FRACTION * size * size]
     occluded = tuple(
         np.count_nonzero(fp & (zmap > j + 1)) / full_area[j] for j, fp in enumerate(footprints)
     )
     return Scene(image, mask, instances, tuple(kept), labels, large, bg_kind, occluded)
 
 
-def _outer_band(zmap: np.ndarray, width: int) -> np.ndarray:
-    """Pixels within ``width`` 4-neighbour steps of a pixel with a higher z-order (an occluder)."""
-    band = np.zeros(zmap.shape, bool)
-    cur = zmap.copy()
-    for _ in range(width):
-        nb = cur.copy()
-        nb[1:] = np.maximum(nb[1:], cur[:-1])
-        nb[:-1] = np.maximum(nb[:-1], cur[1:])
-        nb[:, 1:] = np.maximum(nb[:, 1:], cur[:, :-1])
-        nb[:, :-1] = np.maximum(nb[:, :-1], cur[:, 1:])
-        band |= nb > zmap
-        cur = nb
-    return band
-
-
 # ----------------------------------------------------------------------------- builder
 
+OBJECTS = dict(
+    image_size=32,
+    num_train=12000,
+    num_validation=600,
+    max_objects=1,
+    foreground=None,
+    min_area=0.15,
+    max_area=0.6,
+)
+"""The classification sets: one object per 32x32 image, area log-uniform in 15-60%."""
 
-class CcnnSynthetic(tfds.core.GeneratorBasedBuilder):
+EASY = dict(
+    object_textures=shapes.SMOOTH_TEXTURES,
+    background_textures=shapes.SMOOTH_TEXTURES,
+    clutter=False,
+)
+"""The easy look: plain or gradient fills, no clutter (the context textures stay)."""
+
+
+class CcnnSynthetic(common.SegmentationBuilder):
     """Procedural shapes-on-clutter segmentation with tags, size hints and context bias."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    CLASS_NAMES = CLASS_NAMES
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "2.0.0": "VOC-like object sizes (background mostly 30-70%); objects and objects_easy.",
+    }
     BUILDER_CONFIGS = [
         SyntheticConfig(
             name="default",
-            description="64x64, 4000 train / 500 validation images.",
-            image_size=64, num_train=4000, num_validation=500,
+            description="64x64 scenes, 4000 train / 500 validation images.",
         ),
         SyntheticConfig(
             name="tiny",
-            description="32x32, 48 train / 16 validation images (for tests).",
-            image_size=32, num_train=48, num_validation=16,
+            description="32x32 scenes, 48 train / 16 validation images (for tests).",
+            image_size=32,
+            num_train=48,
+            num_validation=16,
         ),
-    ]  # fmt: skip
+        SyntheticConfig(
+            name="objects",
+            description="32x32, one object per image (15-60%), 12000 train / 600 validation.",
+            **OBJECTS,
+        ),
+        SyntheticConfig(
+            name="objects_easy",
+            description="objects in the easy look: smooth shapes on smooth backgrounds.",
+            **OBJECTS,
+            **EASY,
+        ),
+        SyntheticConfig(
+            name="objects_tiny",
+            description="32x32, one object per image, 48 train / 16 validation (for tests).",
+            **{**OBJECTS, "num_train": 48, "num_validation": 16},
+        ),
+    ]
     DEFAULT_CONFIG_NAME = "default"
 
-    def __init__(self, *, file_format=None, **kwargs):
-        # array_record by default: it is written and read without TensorFlow.
-        super().__init__(file_format=file_format or "array_record", **kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=common.segmentation_features(
-                CLASS_NAMES,
-                large=tfds.features.Sequence(tfds.features.ClassLabel(names=CLASS_NAMES)),
-            ),
-            supervised_keys=None,
-        )
+    def extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
+        return {"large": tfds.features.Sequence(tfds.features.ClassLabel(names=CLASS_NAMES))}
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download

@@ -156,11 +156,11 @@ def sbd_augmented_ids(
     return sorted((set(sbd_train) | set(sbd_val) | set(voc_train)) - set(voc_val))
 
 
-class VocSegmentation(tfds.core.GeneratorBasedBuilder):
+class VocSegmentation(common.SegmentationBuilder):
     """PASCAL VOC 2012 segmentation (21 classes, 255 = void), optionally SBD-augmented."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    CLASS_NAMES = CLASS_NAMES
+    HOMEPAGE = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/"
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(
             name="voc2012", description="VOC 2012 train (1,464) / val (1,449)."
@@ -175,17 +175,6 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
         f"Download {VOC_TAR} from {VOC_URL} and put it (or its extracted VOCdevkit/ folder) "
         f"in manual_dir:\n{VOC_LAYOUT}\n{SBD_LAYOUT}"
     )
-
-    def __init__(self, *, file_format: str = "array_record", **kwargs):
-        super().__init__(file_format=file_format, **kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=common.segmentation_features(CLASS_NAMES),
-            homepage="http://host.robots.ox.ac.uk/pascal/VOC/voc2012/",
-        )
 
     def _split_generators(self, dl_manager):
         sbd = self.builder_config.name == "sbd_augmented"

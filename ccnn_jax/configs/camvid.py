@@ -5,7 +5,7 @@ The dataset of the original write-up's demonstration. Needs the download in ``ma
 section). Without a background class the tag constraints are foreground rows only
 (``from_tags(..., background=None)``). Command::
 
-    python experiments/train.py --config experiments/configs/camvid.py:ccnn \\
+    python experiments/train.py --config ccnn_jax/configs/camvid.py:ccnn \\
         --workdir runs/camvid_ccnn --config.manual_dir=/path/to/downloads
 
 Variants: ``ccnn`` (tags, default), ``ccnn_size``, ``mil``, ``full``; ``fastai`` as a second
@@ -19,8 +19,6 @@ pixel accuracy; the ``full`` variant is the comparable run.
 import ml_collections
 
 from ccnn_jax import configs
-
-METHODS = configs.METHODS
 
 
 def get_config(config_string: str = "ccnn") -> ml_collections.ConfigDict:

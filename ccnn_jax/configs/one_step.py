@@ -4,9 +4,9 @@ Command (trains and caches both networks in the workdir the first time; a rerun 
 
     python experiments/one_step_latent.py --workdir runs/one_step
     python experiments/one_step_latent.py --workdir runs/one_step_tiny \
-        --config experiments/configs/one_step.py:tiny
+        --config ccnn_jax/configs/one_step.py:tiny
 
-A fully supervised UNet (the ``full`` variant of ``experiments/configs/synthetic.py``) is trained
+A fully supervised UNet (the ``full`` variant of ``ccnn_jax/configs/synthetic.py``) is trained
 for ``full_steps``; the under-trained network is the same run (same seed, data order and
 learning-rate schedule) stopped after ``under_steps``. P is solved from the under-trained
 network's output on every validation image for each constraint variant (see
@@ -15,18 +15,9 @@ network's output on every validation image for each constraint variant (see
 Expected: see the README's one-step section for the measured table and runtime (2-core CPU).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _train_config(options: str) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synthetic.py")
-    spec = importlib.util.spec_from_file_location("_ccnn_synthetic_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(options)
+from ccnn_jax.configs import synthetic
 
 
 def get_config(config_string: str = "default") -> ml_collections.ConfigDict:
@@ -36,7 +27,7 @@ def get_config(config_string: str = "default") -> ml_collections.ConfigDict:
     tiny = variant == "tiny"
     c = ml_collections.ConfigDict()
     # Training of both networks (pixel supervision); dataset, model and optimiser come from here.
-    c.train = _train_config("full,tiny" if tiny else "full")
+    c.train = synthetic.get_config("full,tiny" if tiny else "full")
     c.full_steps = 600
     c.under_steps = 20
     c.train.num_steps = c.get_ref("full_steps")

@@ -3,9 +3,9 @@
 Needs the download (``VOCtrainval_11-May-2012.tar`` in ``manual_dir``; see the README's data
 section) and realistically an accelerator. Command::
 
-    python experiments/train.py --config experiments/configs/voc.py:ccnn --workdir runs/voc_ccnn \\
+    python experiments/train.py --config ccnn_jax/configs/voc.py:ccnn --workdir runs/voc_ccnn \\
         --config.manual_dir=/path/to/downloads
-    python experiments/train.py --config experiments/configs/voc.py:full --workdir runs/voc_full \\
+    python experiments/train.py --config ccnn_jax/configs/voc.py:full --workdir runs/voc_full \\
         --config.manual_dir=/path/to/downloads
 
 Variants: ``ccnn`` (tags, default), ``ccnn_size``, ``mil``, ``full``; append ``,sbd`` for the
@@ -21,8 +21,6 @@ full > ccnn_size > ccnn > mil is what the method predicts. Outputs as for the sy
 import ml_collections
 
 from ccnn_jax import configs
-
-METHODS = configs.METHODS
 
 
 def get_config(config_string: str = "ccnn") -> ml_collections.ConfigDict:
