@@ -13,6 +13,9 @@ Cost. Labels the mask forbids are dropped before the loop: an image with n allow
 solved on the first of 4, 8 or K columns that holds them (a ``lax.switch``, so only that branch
 runs outside ``vmap``), and on the CPU the loop evaluates the dual in factorised form (two
 matrix-vector products and a K x K Gram product per evaluation, see :mod:`ccnn_jax.dual`).
+P, s(P) and g are returned from the loop's own last evaluation (P = E u / d on the kept
+columns, scattered to K labels); outside the loop a solve adds one exponential pass over all
+N x K scores, for g's constant and the check that ``log_q`` holds no NaN / +inf.
 
 Differentiation. ``solve`` and ``solve_batch`` have a custom JVP (hence also a VJP, by JAX's
 transposition) from the implicit function theorem on the optimality conditions of the box-
@@ -25,7 +28,8 @@ and the bound rows held at their bound,
     \qquad d\lambda_U = d\beta_U, \qquad d\lambda_{L} = 0,
 
 where :math:`M = -\nabla^2 g`, U the rows at the upper bound :math:`\beta_c` and L those at 0;
-then :math:`dP = \partial_\lambda P\, d\lambda + \partial_\theta P\, d\theta` and
+then :math:`dP = \partial_\lambda P\, d\lambda + \partial_\theta P\, d\theta` (by JAX's own
+differentiation of an exact recomputation of P, which runs only under differentiation) and
 :math:`d g^* = \partial g\, (d\lambda, d\theta)`, for :math:`\theta` = ``log_q``, ``cons.a``,
 ``cons.b``, ``cons.weights`` and ``hardness``. This is the exact derivative wherever strict
 complementarity holds (every bound row has a nonzero gradient, so a small change of
@@ -33,10 +37,13 @@ complementarity holds (every bound row has a nonzero gradient, so a small change
 solution map has a kink; the rule then returns the one-sided derivative of the branch on which
 such rows stay at their bound. A singular :math:`M_{FF}` (e.g. two identical free rows) is
 solved in the least-squares, minimum-norm sense. ``lam0`` has zero derivative (the optimum does
-not depend on it); ``info`` carries derivatives only in ``primal`` and ``dual`` (both
-:math:`dg^*`). Infeasible or invalid problems (``feasible`` False) get zero tangents. The rule
-costs about two evaluations of the dual on all K labels (one exponential pass plus two linear
-ones), and no iteration of the loop is differentiated.
+not depend on it); ``info`` carries derivatives in ``primal``, ``dual`` (both
+:math:`dg^*`) and ``gap`` (of its closed form at P(lambda)). Infeasible or invalid problems
+(``feasible`` False) get zero derivatives. Differentiating costs about two exponential passes
+over the N x K scores on all K labels (one for M and :math:`\partial_\theta s(P)`, one for dP)
+plus K x K and C x C algebra; no iteration of the loop is differentiated. Forward mode
+(``jax.jvp``, ``jacfwd``) and reverse mode (``jax.grad``, ``jacrev``) agree, under ``jit`` and
+``vmap``.
 """
 
 from __future__ import annotations
@@ -726,7 +733,10 @@ def solve(
       differentiable: ``jax.grad``/``jax.jvp`` of any function of ``p``, ``lam``,
       ``info.primal`` or ``info.dual`` w.r.t. ``log_q``, ``cons.a``, ``cons.b``,
       ``cons.beta`` (rows at their upper bound), ``cons.weights`` and ``hardness`` use implicit
-      differentiation at the optimum (see :mod:`ccnn_jax.solvers`). For a batch prefer
+      differentiation at the optimum (see :mod:`ccnn_jax.solvers`): exact where strict
+      complementarity holds (every multiplier at a bound has a nonzero gradient there);
+      otherwise the one-sided derivative with such rows held at their bound; zero for
+      infeasible or invalid problems. For a batch prefer
       :func:`solve_batch`: under ``vmap`` every label-count branch and both sides of the
       factorised latent's test run.
 
