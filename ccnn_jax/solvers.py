@@ -378,9 +378,24 @@ def _core_forward(
     """The loop for one image on ``keep`` label columns (see :func:`solve`); P is formed after."""
     dtype = dual.working_dtype(log_q)
     cons, s, tol, max_lambda, valid = _sanitise(cons, hardness, tol, max_lambda, dtype)
+    c = cons.a.shape[0]
+    rows = _row_budget(keep, log_q.shape[-1], c)
+    live = _live_rows(cons)
+    lam0 = jnp.where(live, lam0.astype(dtype), 0.0)  # a dead row's multiplier is 0 (optimal)
+    if rows < c:
+        # the branch holds at most ``rows`` live rows (_bucket_index): solve on those; the others
+        # are zero on every allowed label with b <= 0, so their optimal multiplier is 0
+        order = jnp.argsort(~live, stable=True)[:rows]
+        cons = LinearConstraints(
+            a=cons.a[order],
+            b=cons.b[order],
+            beta=cons.beta[order],
+            mask=cons.mask,
+            weights=None if cons.weights is None else cons.weights[order],
+        )
+        lam0 = lam0[order]
     prob = dual.make_problem(log_q, cons, s, factorise=factorise, keep=keep, with_offset=False)
     upper = _upper(prob, max_lambda)
-    lam0 = lam0.astype(dtype)
     lam0 = jnp.where(jnp.isfinite(lam0), jnp.clip(lam0, 0.0, upper), 0.0)
     st = _LOOPS[method](prob, lam0, tol, max_iter, max_lambda, ~valid)
     value = st.ev.value_C  # s(P) at the final lambda, from the loop's last accepted evaluation
@@ -390,8 +405,12 @@ def _core_forward(
     converged = _converged(st.lam, st.ev, prob, upper, tol) & feasible
     # P at the final lambda on the kept columns (factorised: no exponential), then all K labels
     p = dual.scatter_labels(dual.latent(st.lam, prob), prob, log_q.shape[-1])
+    lam = st.lam
+    if rows < c:  # back to all C rows (s(P) of a dead row is exactly 0)
+        lam = jnp.zeros(c, dtype).at[order].set(lam)
+        value = jnp.zeros(c, dtype).at[order].set(value)
     return _Core(
-        lam=st.lam,
+        lam=lam,
         iterations=st.it,
         converged=converged,
         feasible=feasible,
@@ -527,10 +546,30 @@ def _label_buckets(k: int) -> tuple[int, ...]:
     return (4, k) if k <= 12 else (4, 8, k)
 
 
-def _bucket_index(mask_K: Array, buckets: tuple[int, ...]) -> Array:
-    mask_K = mask_K.astype(bool)
-    allowed = jnp.where(jnp.any(mask_K), jnp.sum(mask_K), mask_K.shape[-1])
-    return sum((allowed > b).astype(jnp.int32) for b in buckets[:-1])
+def _row_budget(keep: int, k: int, c: int) -> int:
+    """Rows a branch on ``keep`` < K columns solves on: about a lower and an upper bound per
+    label plus two (the C x C Newton algebra is most of an iteration's cost at small N); the
+    all-K branch keeps every row."""
+    return c if keep >= k else min(c, 2 * keep + 2)
+
+
+def _live_rows(cons: LinearConstraints) -> Array:
+    """Rows that matter: nonzero on an allowed label, or b > 0 (then a zero row is violated).
+    A dead row has s_c(P) = 0 for every P and b_c <= 0, so lambda_c = 0 is optimal."""
+    mask = jnp.where(jnp.any(cons.mask), cons.mask.astype(bool), True)
+    return jnp.any((cons.a != 0) & mask, axis=-1) | (cons.b > 0)
+
+
+def _bucket_index(cons: LinearConstraints, buckets: tuple[int, ...]) -> Array:
+    """The first branch that holds the image's allowed labels and its live rows."""
+    mask_K = cons.mask.astype(bool)
+    k, c = mask_K.shape[-1], cons.a.shape[-2]
+    allowed = jnp.where(jnp.any(mask_K), jnp.sum(mask_K), k)
+    live = jnp.sum(_live_rows(cons))
+    fits = [(allowed <= b) & (live <= _row_budget(b, k, c)) for b in buckets[:-1]]
+    if not fits:
+        return jnp.asarray(0, jnp.int32)
+    return jnp.sum(jnp.cumprod(~jnp.stack(fits))).astype(jnp.int32)
 
 
 def _core_one(log_q, cons, hardness, tol, max_lambda, lam0, *, method, max_iter, factorise):
@@ -540,7 +579,7 @@ def _core_one(log_q, cons, hardness, tol, max_lambda, lam0, *, method, max_iter,
     args = (log_q, cons, hardness, tol, max_lambda, lam0)
     if len(branches) == 1:
         return branches[0](*args)
-    return jax.lax.switch(_bucket_index(cons.mask, buckets), branches, *args)
+    return jax.lax.switch(_bucket_index(cons, buckets), branches, *args)
 
 
 def _zeros_lam(log_q, cons, batched: bool):
@@ -597,7 +636,7 @@ def _solve_batch_jit(log_q, cons, tol, hardness, max_lambda, lam0, *, method, ma
         if len(branches) == 1:
             core = branches[0](*args)
         else:
-            index = jnp.max(jax.vmap(lambda m: _bucket_index(m, buckets))(cons.mask))
+            index = jnp.max(jax.vmap(lambda x: _bucket_index(x, buckets))(cons))
             core = jax.lax.switch(index, branches, *args)
     # P and the report for the whole batch at once, outside the loop
     return jax.vmap(_report, in_axes=(0, 0, 0, None, None, None))(
