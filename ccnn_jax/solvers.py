@@ -10,9 +10,12 @@ and hard multipliers are capped at ``max_lambda`` as a backstop. Either is repor
 ``feasible=False``, with finite lambda and P.
 
 Cost. Labels the mask forbids are dropped before the loop: an image with n allowed labels is
-solved on the first of 4, 8 or K columns that holds them (a ``lax.switch``, so only that branch
-runs outside ``vmap``), and on the CPU the loop evaluates the dual in factorised form (two
-matrix-vector products and a K x K Gram product per evaluation, see :mod:`ccnn_jax.dual`).
+solved on the first of 4, 8, 16 or K columns that holds them (a ``lax.switch``, so only that
+branch runs outside ``vmap``; see :func:`_label_buckets`); a branch on fewer than K columns also
+drops the rows that are zero on every allowed label with b <= 0 (their multiplier is 0),
+keeping 2 keep + 2 rows (an image with more live rows takes a wider branch); and on the CPU
+the loop evaluates the dual in factorised form (two matrix-vector products and a K x K Gram
+product per evaluation, see :mod:`ccnn_jax.dual`).
 P, s(P) and g are returned from the loop's own last evaluation (P = E u / d on the kept
 columns, scattered to K labels); outside the loop a solve adds one exponential pass over all
 N x K scores, for g's constant and the check that ``log_q`` holds no NaN / +inf.

@@ -6,8 +6,8 @@ r"""Held-out check of issue 14's targets on problem families that neither the te
 - ``blocky``: nearest-neighbour upsampled coarse noise (4x4 to 16x16 cells), scale 0.5-6;
 
 with CCNN's tag rows and 1-bit size hints (``constraints.from_tags(size=...)``: 1-8 foreground
-tags, up to 3 of them "large" with a hard lower bound, background bounds from the hint), C = K + 2
-rows, hardness 1.
+tags, up to 3 of them "large" with a hard lower bound, the others a hard upper bound, background
+bounds from the hint), C = 2K + 2 rows, hardness 1.
 
 It runs single-threaded (one core, XLA intra-op threading off, process CPU time) and reports:
 
