@@ -32,6 +32,26 @@ constant). At any :math:`\lambda` in the box the duality gap of :math:`P(\lambda
         + \sum_{c\ \mathrm{soft}} \beta_c\, (b_c - s_c)_+ ,
 
 which is >= 0 once the hard rows hold, and 0 exactly at the optimum.
+
+Evaluation (internal, :func:`evaluate`). With :math:`m_i = \max_{l \in mask} s f_{il}` and
+:math:`h_{il} = s f_{il} - m_i \le 0`, the per-pixel term is
+:math:`m_i + \operatorname{lse}_l(h_{il} + s (A_i^\top\lambda)_l)`; the :math:`m_i` do not
+depend on :math:`\lambda` and are folded into one constant, so differences of g between two
+:math:`\lambda` carry no rounding from them.
+Without pixel weights the shift :math:`\mu = s\, a^\top\lambda` is the same for every pixel, and
+with :math:`E = \exp(h)` (N x K, computed once) and :math:`u = \exp(\mu - \max\mu)`
+
+.. math::
+
+    d = E u, \qquad P = \mathrm{diag}(d^{-1})\, E\, \mathrm{diag}(u), \qquad
+    \bar P = \frac1N\, u \odot (E^\top d^{-1}),
+
+so an evaluation costs one matrix-vector product, one elementwise product (for the K x K Gram
+product :math:`P^\top P` of the Hessian; without it, a second matrix-vector product) and no
+exponential over N x K. The factorisation is exact while the shifts span at most
+:data:`FACTOR_SPAN` nats; beyond, the direct exponential is used.
+Labels a problem masks can be dropped before solving (``make_problem(keep=...)``), so that an
+image with 3 allowed labels out of 21 costs 3 columns per evaluation.
 """
 
 from __future__ import annotations
@@ -40,6 +60,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ccnn_jax.constraints import LinearConstraints
 
@@ -49,26 +70,37 @@ Array = jax.Array
 LOG_FLOOR = -1e15
 
 #: Largest spread of the label shifts s (A^T lambda)_l (over allowed labels) at which the
-#: factorised latent is exact: a factor exp(s f_il - m_i) that underflowed (< e^-87) then
-#: stays below e^-27 of the pixel's largest term, and the normaliser stays above e^-60.
+#: factorised latent is exact: a factor exp(h_il) that underflowed (< e^-87) then stays below
+#: e^-27 of the pixel's largest term, and the normaliser stays above e^-60.
 FACTOR_SPAN = 60.0
 
 
-class Problem(NamedTuple):
-    """One image's problem in flat form (internal): pixels flattened to N."""
+def working_dtype(x) -> np.dtype:
+    """float64 for float64 scores (with ``jax_enable_x64``), float32 for anything else."""
+    return np.dtype(np.float64) if jnp.result_type(x) == np.float64 else np.dtype(np.float32)
 
-    f_NxK: Array  # scores, floored at LOG_FLOOR
-    lse0_N: Array  # lse_l(s f_i), the normaliser of Q^s
+
+class Problem(NamedTuple):
+    """One image's problem in flat form (internal): pixels flattened to N, labels maybe kept.
+
+    ``h_NxK`` is :math:`s f - m` on allowed labels (``-inf`` on masked ones); ``e0_NxK`` is
+    :math:`\\exp(h)` (factorised form only, without pixel weights); ``offset`` is the constant
+    :math:`\\frac{1}{sN}\\sum_i (m_i - \\operatorname{lse}_l s f_{il})` of g. ``labels_K`` are the
+    original indices of the kept columns (None: all K, in order). ``scores_ok`` is False when
+    ``log_q`` held NaN or +inf (or ``s f`` overflowed); the arrays are then made finite.
+    """
+
+    h_NxK: Array
+    e0_NxK: Array | None
+    offset: Array
     a_CxK: Array
     b_C: Array
     beta_C: Array
     mask_K: Array
     w_CxN: Array | None
     hardness: Array
-    # Factorised form (no weights only): exp(s f_il - m_i) (0 on masked labels) and m_i, the
-    # largest allowed s f_il, so that P(lambda) needs no exponential over N x K.
-    e0_NxK: Array | None = None
-    m_N: Array | None = None
+    labels_K: Array | None = None
+    scores_ok: Array | bool = True
 
 
 class DualEval(NamedTuple):
@@ -78,7 +110,7 @@ class DualEval(NamedTuple):
     grad_C: Array  # b - s(P)
     value_C: Array  # s(P), the constraint values
     neg_hess_CxC: Array | None  # -Hessian, PSD
-    logz_N: Array  # (lse_mask(s (f_i + A_i^T lam)) - lse(s f_i)) / s; g = lam . b - mean(logz)
+    logz_N: Array  # lse_l(h_i + s shift_il) / s: g = lam . b - mean(logz) - offset
 
 
 class Certificate(NamedTuple):
@@ -90,39 +122,92 @@ class Certificate(NamedTuple):
     max_violation: Array
 
 
+def kept_labels(mask_K: Array, keep: int) -> Array:
+    """The first ``keep`` labels with allowed ones first (in label order), then masked ones."""
+    return jnp.argsort(~mask_K.astype(bool), stable=True)[:keep]
+
+
 def make_problem(
-    log_q: Array, cons: LinearConstraints, hardness=1.0, factorise: bool = False
+    log_q: Array,
+    cons: LinearConstraints,
+    hardness=1.0,
+    factorise: bool = False,
+    keep: int | None = None,
+    with_offset: bool = True,
 ) -> Problem:
     """Flattens ``log_q`` (*pixels, K) and ``cons.weights`` (C, *pixels) to N pixels.
 
-    ``factorise`` (no weights only) also stores exp(s f_il - m_i), with which :func:`_latent`
-    skips the N x K exponential whenever the label shifts span at most :data:`FACTOR_SPAN`. It
-    branches with ``lax.cond``, so it pays off only where that is not vmapped (under ``vmap``
-    both branches run).
+    Args:
+      factorise: (no weights only) also store :math:`E = \\exp(h)`, so that an evaluation needs
+        no exponential over N x K (see the module doc). :func:`evaluate` then branches with
+        ``lax.cond``, which pays off only where it is not vmapped (under ``vmap`` both run).
+      keep: keep only ``keep`` label columns, the allowed ones first (:func:`kept_labels`);
+        exact when at most ``keep`` labels are allowed (the solver picks it so). P over the
+        kept columns goes back to K labels with ``labels_K``.
+      with_offset: compute g's constant ``offset`` in full and ``scores_ok`` (an exponential
+        pass over all N x K scores); without, ``offset`` omits its lse term (it is
+        :math:`\frac{1}{sN}\\sum_i m_i`, so g is short by :math:`\frac{1}{sN}\\sum_i
+        \\operatorname{lse}_l s f_{il}`, see :func:`mask_cost`) and ``scores_ok`` is True;
+        neither the differences nor the derivatives of g in lambda change.
     """
     k = log_q.shape[-1]
-    s = jnp.asarray(hardness, jnp.float32)
-    f = jnp.maximum(log_q.reshape(-1, k).astype(jnp.float32), LOG_FLOOR)
-    w = None if cons.weights is None else cons.weights.reshape(cons.a.shape[0], -1)
+    dtype = working_dtype(log_q)
+    s = jnp.asarray(hardness, dtype)
+    raw_NxK = log_q.reshape(-1, k).astype(dtype)
+    scores_ok = True
+    if with_offset:
+        # lse over every label of s f: NaN or +inf anywhere makes it non-finite (the flag)
+        lse0_N = jax.nn.logsumexp(s * jnp.maximum(raw_NxK, LOG_FLOOR), axis=-1)
+        scores_ok = jnp.all(jnp.isfinite(lse0_N))
     mask = cons.mask.astype(bool)
-    e0 = m = None
-    if factorise and w is None:
-        z0 = jnp.where(mask, s * f, -jnp.inf)
-        m = jnp.max(z0, axis=-1)
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        e0 = jnp.exp(z0 - m[:, None])
+    a = cons.a.astype(dtype)
+    labels = None
+    if keep is not None and keep < k:
+        labels = kept_labels(mask, keep)
+        raw_NxK, a, mask = jnp.take(raw_NxK, labels, axis=1), a[:, labels], mask[labels]
+    f = jnp.nan_to_num(raw_NxK, nan=LOG_FLOOR, posinf=-LOG_FLOOR, neginf=LOG_FLOOR)
+    z = jnp.where(mask, s * jnp.maximum(f, LOG_FLOOR), -jnp.inf)
+    m = jnp.max(z, axis=-1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    h = z - m[:, None]
+    w = None if cons.weights is None else cons.weights.reshape(cons.a.shape[0], -1).astype(dtype)
+    offset = jnp.mean(m) / s
+    if with_offset:
+        offset = jnp.where(scores_ok, jnp.mean(m - lse0_N) / s, 0.0)
     return Problem(
-        f_NxK=f,
-        lse0_N=jax.nn.logsumexp(s * f, axis=-1),
-        a_CxK=cons.a.astype(jnp.float32),
-        b_C=cons.b.astype(jnp.float32),
-        beta_C=cons.beta.astype(jnp.float32),
+        h_NxK=h,
+        e0_NxK=jnp.exp(h) if factorise and w is None else None,
+        offset=offset,
+        a_CxK=a,
+        b_C=cons.b.astype(dtype),
+        beta_C=cons.beta.astype(dtype),
         mask_K=mask,
-        w_CxN=None if w is None else w.astype(jnp.float32),
+        w_CxN=w,
         hardness=s,
-        e0_NxK=e0,
-        m_N=m,
+        labels_K=labels,
+        scores_ok=scores_ok,
     )
+
+
+def mask_cost(log_q: Array, hardness) -> tuple[Array, Array]:
+    r"""The part of g's constant that ``make_problem(with_offset=False)`` leaves out,
+    :math:`\frac{1}{sN}\sum_i \operatorname{lse}_l s f_{il}` over all K labels, and whether it
+    is finite (``log_q`` holds no NaN or +inf, and ``s f`` does not overflow)."""
+    k = log_q.shape[-1]
+    raw_NxK = log_q.reshape(-1, k).astype(working_dtype(log_q))
+    lse0_N = jax.nn.logsumexp(hardness * jnp.maximum(raw_NxK, LOG_FLOOR), axis=-1)
+    ok = jnp.all(jnp.isfinite(lse0_N))
+    return jnp.where(ok, jnp.mean(lse0_N) / hardness, 0.0), ok
+
+
+def scatter_labels(p_NxKk: Array, prob: Problem, k: int) -> Array:
+    """P over the kept columns -> (N, k) over all labels (0 on the labels not kept)."""
+    if prob.labels_K is None:
+        return p_NxKk
+    keep = prob.labels_K.shape[0]
+    position_K = jnp.zeros(k, jnp.int32).at[prob.labels_K].set(jnp.arange(keep, dtype=jnp.int32))
+    kept_K = jnp.zeros(k, bool).at[prob.labels_K].set(prob.mask_K)
+    return jnp.where(kept_K, jnp.take(p_NxKk, position_K, axis=1), 0.0)
 
 
 def _shift(lam_C: Array, prob: Problem) -> Array:
@@ -132,47 +217,61 @@ def _shift(lam_C: Array, prob: Problem) -> Array:
     return (prob.w_CxN.T * lam_C) @ prob.a_CxK
 
 
-def _latent(lam_C: Array, prob: Problem) -> tuple[Array, Array]:
-    """P (N, K) and lse_mask(s (f + A^T lam)) (N,). P is normalised by the sum of the
-    exponentials, not by exp(-lse), so it sums to 1 to float32 precision at any scale."""
-    if prob.e0_NxK is None:
-        return _latent_exact(lam_C, prob)
-    shift_K = prob.hardness * _shift(lam_C, prob)
+def _span(shift_K: Array, prob: Problem) -> tuple[Array, Array]:
+    """Largest allowed s * shift and the spread of the allowed ones."""
     top = jnp.max(jnp.where(prob.mask_K, shift_K, -jnp.inf))
-    span = top - jnp.min(jnp.where(prob.mask_K, shift_K, jnp.inf))
-    return jax.lax.cond(
-        span <= FACTOR_SPAN,
-        lambda: _latent_factorised(shift_K, top, prob),
-        lambda: _latent_exact(lam_C, prob),
-    )
+    return top, top - jnp.min(jnp.where(prob.mask_K, shift_K, jnp.inf))
 
 
-def _latent_factorised(shift_K: Array, top: Array, prob: Problem) -> tuple[Array, Array]:
-    """As :func:`_latent` from exp(s f_il - m_i) * exp(shift_l - top): K exponentials, where
-    shift = s A^T lam and top its largest allowed entry."""
-    e = prob.e0_NxK * jnp.where(prob.mask_K, jnp.exp(shift_K - top), 0.0)
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    return e / total, prob.m_N + top + jnp.log(total[:, 0])
+def _exact(lam_C: Array, prob: Problem) -> tuple[Array, Array]:
+    """P (N, K) and logz (N,) with one exponential per pixel and label (any shifts, weights).
 
-
-def _latent_exact(lam_C: Array, prob: Problem) -> tuple[Array, Array]:
-    """As :func:`_latent`, with one exponential per pixel and label (any shifts, any weights)."""
-    z = prob.hardness * (prob.f_NxK + _shift(lam_C, prob))
-    z = jnp.where(prob.mask_K, z, -jnp.inf)
+    P is normalised by the sum of the exponentials, so it sums to 1 to rounding at any scale.
+    """
+    z = prob.h_NxK + prob.hardness * _shift(lam_C, prob)
     top = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
     e = jnp.exp(z - top)
     total = jnp.sum(e, axis=-1, keepdims=True)
-    return e / total, (top + jnp.log(total))[:, 0]
+    return e / total, (top + jnp.log(total))[:, 0] / prob.hardness
 
 
-def _values(p_NxK: Array, prob: Problem) -> Array:
+def _factors(lam_C: Array, prob: Problem):
+    """u = exp(s shift - top) (0 on masked labels), d = E u, top and the shifts' span."""
+    shift_K = prob.hardness * _shift(lam_C, prob)
+    top, span = _span(shift_K, prob)
+    u_K = jnp.where(prob.mask_K, jnp.exp(shift_K - top), 0.0)
+    return u_K, prob.e0_NxK @ u_K, top, span
+
+
+def latent(lam_C: Array, prob: Problem) -> Array:
+    """P (N, K') over the problem's columns: softmax_mask(h_i + s A_i^T lambda)."""
+    if prob.e0_NxK is None:
+        return _exact(lam_C, prob)[0]
+    u_K, d_N, _, span = _factors(lam_C, prob)
+    return jax.lax.cond(
+        span <= FACTOR_SPAN,
+        lambda: prob.e0_NxK * u_K / d_N[:, None],
+        lambda: _exact(lam_C, prob)[0],
+    )
+
+
+def values(p_NxK: Array, prob: Problem) -> Array:
     """s(P) (C,): s_c = (1/N) sum_i w_c(i) a_c . P_i; without weights, a @ mean_i P_i."""
     if prob.w_CxN is None:
         return prob.a_CxK @ p_NxK.mean(axis=0)
     return jnp.mean((p_NxK @ prob.a_CxK.T) * prob.w_CxN.T, axis=0)
 
 
-def _neg_hessian(p_NxK: Array, prob: Problem) -> Array:
+def _laplacian_hessian(cooccur_KxK: Array, a_CxK: Array, hardness: Array) -> Array:
+    """s a L a^T with L the Laplacian of the off-diagonal co-occurrences (see neg_hessian)."""
+    k = cooccur_KxK.shape[0]
+    off_KxK = jnp.where(jnp.eye(k, dtype=bool), 0.0, cooccur_KxK)
+    laplacian_KxK = jnp.diag(off_KxK.sum(axis=1)) - off_KxK
+    neg_hess = hardness * (a_CxK @ laplacian_KxK @ a_CxK.T)
+    return 0.5 * (neg_hess + neg_hess.T)
+
+
+def neg_hessian(p_NxK: Array, a_CxK: Array, w_CxN: Array | None, hardness) -> Array:
     r"""(s/N) sum_i A_i (diag P_i - P_i P_i^T) A_i^T, PSD in float32.
 
     Without weights this is :math:`s\, a\, \Sigma\, a^\top` with the K x K label covariance
@@ -188,35 +287,60 @@ def _neg_hessian(p_NxK: Array, prob: Problem) -> Array:
     :math:`\tilde u_i = \sum_l P_{il}(a_l - a_{m_i})` (an N x C x K product).
     """
     n, k = p_NxK.shape
-    a = prob.a_CxK
-    if prob.w_CxN is None:
-        cooccur_KxK = jnp.where(jnp.eye(k, dtype=bool), 0.0, p_NxK.T @ p_NxK / n)
-        laplacian_KxK = jnp.diag(cooccur_KxK.sum(axis=1)) - cooccur_KxK
-        neg_hess = prob.hardness * (a @ laplacian_KxK @ a.T)
-    else:
-        w = prob.w_CxN
-        mode = jax.nn.one_hot(jnp.argmax(p_NxK, axis=-1), k, dtype=p_NxK.dtype)
-        p_off = p_NxK * (1.0 - mode)
-        p_centred = p_off - mode * p_off.sum(-1, keepdims=True)  # sums to 0, exact off the mode
-        u = (p_centred @ a.T) * w.T
-        centred_NxCxK = w.T[:, :, None] * (a[None] - (mode @ a.T)[:, :, None])
-        first = jnp.einsum("icl,il,idl->cd", centred_NxCxK, p_off, centred_NxCxK)
-        neg_hess = prob.hardness * (first - u.T @ u) / n
+    a = a_CxK
+    if w_CxN is None:
+        return _laplacian_hessian(p_NxK.T @ p_NxK / n, a, hardness)
+    w = w_CxN
+    mode = jax.nn.one_hot(jnp.argmax(p_NxK, axis=-1), k, dtype=p_NxK.dtype)
+    p_off = p_NxK * (1.0 - mode)
+    p_centred = p_off - mode * p_off.sum(-1, keepdims=True)  # sums to 0, exact off the mode
+    u = (p_centred @ a.T) * w.T
+    centred_NxCxK = w.T[:, :, None] * (a[None] - (mode @ a.T)[:, :, None])
+    first = jnp.einsum("icl,il,idl->cd", centred_NxCxK, p_off, centred_NxCxK)
+    neg_hess = hardness * (first - u.T @ u) / n
     return 0.5 * (neg_hess + neg_hess.T)
 
 
-def evaluate(lam_C: Array, prob: Problem, with_hessian: bool = True) -> DualEval:
-    """g(lambda), its gradient b - s(P), s(P) and (optionally) -Hessian, in one pass over pixels."""
-    p, lse = _latent(lam_C, prob)
-    value = _values(p, prob)
-    logz = (lse - prob.lse0_N) / prob.hardness
-    hess = _neg_hessian(p, prob) if with_hessian else None
+def _dual_eval(lam_C, prob, value_C, logz_N, hess) -> DualEval:
     return DualEval(
-        g=lam_C @ prob.b_C - jnp.mean(logz),
-        grad_C=prob.b_C - value,
-        value_C=value,
+        g=lam_C @ prob.b_C - jnp.mean(logz_N) - prob.offset,
+        grad_C=prob.b_C - value_C,
+        value_C=value_C,
         neg_hess_CxC=hess,
-        logz_N=logz,
+        logz_N=logz_N,
+    )
+
+
+def _evaluate_exact(lam_C: Array, prob: Problem, with_hessian: bool) -> DualEval:
+    p, logz = _exact(lam_C, prob)
+    hess = neg_hessian(p, prob.a_CxK, prob.w_CxN, prob.hardness) if with_hessian else None
+    return _dual_eval(lam_C, prob, values(p, prob), logz, hess)
+
+
+def evaluate(lam_C: Array, prob: Problem, with_hessian: bool = True) -> DualEval:
+    """g(lambda), its gradient b - s(P), s(P) and (optionally) -Hessian, in one pass over pixels.
+
+    In factorised form (see the module doc): d = E u, then P = E u / d for the Gram product,
+    or :math:`E^\\top d^{-1}` alone without the Hessian.
+    """
+    if prob.e0_NxK is None:
+        return _evaluate_exact(lam_C, prob, with_hessian)
+    u_K, d_N, top, span = _factors(lam_C, prob)
+
+    def factorised():
+        n = d_N.shape[0]
+        logz = (top + jnp.log(d_N)) / prob.hardness
+        if not with_hessian:
+            pbar_K = u_K * ((1.0 / d_N) @ prob.e0_NxK) / n
+            return _dual_eval(lam_C, prob, prob.a_CxK @ pbar_K, logz, None)
+        # The Gram product needs P itself: diag(u) E^T diag(d^-2) E diag(u) would overflow
+        # float32 (d^-2 reaches e^120 at the span limit).
+        p = prob.e0_NxK * u_K / d_N[:, None]
+        hess = _laplacian_hessian(p.T @ p / n, prob.a_CxK, prob.hardness)
+        return _dual_eval(lam_C, prob, prob.a_CxK @ p.mean(axis=0), logz, hess)
+
+    return jax.lax.cond(
+        span <= FACTOR_SPAN, factorised, lambda: _evaluate_exact(lam_C, prob, with_hessian)
     )
 
 
@@ -248,6 +372,28 @@ def infeasibility_slope(lam_C: Array, prob: Problem) -> Array:
     return (d @ prob.b_C - jnp.mean(top)) / (jnp.sum(d) + 1e-30)
 
 
+class Finish(NamedTuple):
+    """What a solve reports at its final lambda (see :func:`finish`)."""
+
+    p: Array  # P, shaped like log_q
+    value_C: Array  # s(P)
+    g: Array  # g(lambda)
+    scores_ok: Array  # log_q had no NaN / +inf
+
+
+def finish(lam_C: Array, log_q: Array, cons: LinearConstraints, hardness=1.0) -> Finish:
+    """P on all K labels, s(P) and g(lambda) in one exponential pass (and one more for the
+    constant of g, skipped by XLA when g is not used); differentiable in every argument."""
+    prob = make_problem(log_q, cons, hardness)
+    p, logz = _exact(lam_C, prob)
+    return Finish(
+        p=p.reshape(log_q.shape),
+        value_C=values(p, prob),
+        g=lam_C @ prob.b_C - jnp.mean(logz) - prob.offset,
+        scores_ok=prob.scores_ok,
+    )
+
+
 @jax.jit
 def dual_objective(lam: Array, log_q: Array, cons: LinearConstraints, hardness=1.0) -> Array:
     r"""The concave dual g(lambda) of one image (see the module docstring).
@@ -270,8 +416,7 @@ def dual_objective(lam: Array, log_q: Array, cons: LinearConstraints, hardness=1
 @jax.jit
 def latent_distribution(lam: Array, log_q: Array, cons: LinearConstraints, hardness=1.0) -> Array:
     r"""P_i = softmax_mask(s (f_i + A_i^T lambda)), same shape as ``log_q``; masked labels are 0."""
-    p, _ = _latent(lam, make_problem(log_q, cons, hardness))
-    return p.reshape(log_q.shape)
+    return latent(lam, make_problem(log_q, cons, hardness)).reshape(log_q.shape)
 
 
 @jax.jit
@@ -282,15 +427,17 @@ def certificate(lam: Array, log_q: Array, cons: LinearConstraints, hardness=1.0)
     closed-form ``gap``; the two agree up to rounding.
     """
     prob = make_problem(log_q, cons, hardness)
-    p, lse = _latent(lam, prob)
-    value = _values(p, prob)
+    ev = evaluate(lam, prob, with_hessian=False)
+    p = latent(lam, prob)
     s = prob.hardness
+    k = log_q.shape[-1]
+    f = jnp.maximum(log_q.reshape(-1, k).astype(p.dtype), LOG_FLOOR)
+    lse0 = jax.nn.logsumexp(s * f, axis=-1)
     # (1/s) KL(P_i || Q^s_i) = sum_l P_il (log P_il / s - f_il) + lse0_i / s, with masked P = 0.
     log_p = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
-    kl = jnp.sum(p * (log_p / s - prob.f_NxK), axis=-1) + prob.lse0_N / s
+    kl = jnp.sum(p * (log_p / s - f), axis=-1) + lse0 / s
     hard = jnp.isinf(prob.beta_C)
-    shortfall = jnp.maximum(prob.b_C - value, 0.0)
+    shortfall = jnp.maximum(prob.b_C - ev.value_C, 0.0)
     primal = jnp.mean(kl) + jnp.sum(jnp.where(hard, 0.0, prob.beta_C * shortfall))
-    dual = lam @ prob.b_C - jnp.mean(lse - prob.lse0_N) / s
-    gap, violation = gap_and_violation(lam, value, prob)
-    return Certificate(primal=primal, dual=dual, gap=gap, max_violation=violation)
+    gap, violation = gap_and_violation(lam, ev.value_C, prob)
+    return Certificate(primal=primal, dual=ev.g, gap=gap, max_violation=violation)

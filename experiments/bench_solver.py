@@ -14,7 +14,18 @@ constraints are active (P != Q; the fraction with lambda != 0 is reported):
   Clarabel on the primal (small N only, under a time budget) and SciPy L-BFGS-B on the dual,
   as reference-time / our-time ratios per image and max |P_ours - P_ref|;
 - the seed demonstration's problem (K = 11, 32 x 32, ``constraints.foreground(0.05)`` hard,
-  batch 1): newton vs CVXPY/Clarabel and vs SciPy.
+  batch 1): newton vs CVXPY/Clarabel and vs SciPy;
+- with ``--problems=unseen``, the main table on problem families the project's tests do not
+  generate (:func:`ccnn_jax.benchmark.unseen_problems`);
+- with ``--original_lib``: the original CCNN solver (C++/Eigen projected gradient, built
+  separately, :func:`ccnn_jax.benchmark.load_original`) against ours on the same unseen
+  problems (batch 32 at N = 1600, 4096, 16384), ms per image, evaluations per image and ms
+  per evaluation on both sides, and both answers against SciPy's float64 dual.
+
+``--single_thread`` restarts the program on one core with XLA's intra-op threading off
+(``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``) and times
+with process CPU time, so that per-image ratios against single-threaded references are fair
+and a shared machine's load does not enter the times.
 
 Also reported: the first call's time per (batch, method), i.e. the XLA compile, which is
 excluded from every other time.
@@ -24,6 +35,9 @@ Usage::
     python experiments/bench_solver.py                      # full run, a few minutes on 2 cores
     python experiments/bench_solver.py --quick              # smoke run, seconds
     python experiments/bench_solver.py --out runs/bench     # also writes runs/bench.{json,md}
+    # issue 14: unseen problems, one core, and the original CCNN solver built elsewhere
+    python experiments/bench_solver.py --problems=unseen --single_thread \
+        --original_lib=/work/ext/ccnn/build --out runs/bench_unseen
 """
 
 from __future__ import annotations
@@ -41,14 +55,17 @@ from absl import flags
 
 from ccnn_jax import cli, reporting
 from ccnn_jax.benchmark import (
+    CLOCKS,
     MODES,
+    PROBLEMS,
     bench_batches,
     bench_reference,
+    compare_original,
     cvxpy_p,
     default_mode,
+    load_original,
     scipy_p,
     seed_problems,
-    tag_problems,
 )
 from ccnn_jax.configs import ConfigError
 
@@ -71,6 +88,7 @@ MAIN_COLUMNS = [
     "method",
     "mode",
     "ms/image",
+    "ms/eval",
     "passes",
     "iters mean",
     "iters max",
@@ -121,13 +139,15 @@ def _checked(sizes, batches, methods, modes) -> tuple[list[int], list[str]]:
 _REFERENCES = {"CVXPY+Clarabel": cvxpy_p, "SciPy L-BFGS-B": scipy_p}
 
 
-def _reference_rows(problem, n, images: dict[str, int], log_q, cons, budget_s, ours, log):
+def _reference_rows(problem, n, images: dict[str, int], log_q, cons, budget_s, ours, log, clock):
     """One row per reference in ``images`` (name -> number of images; 0 skips it)."""
     rows = []
     for name, count in images.items():
         if count > 0:
             log(f"[bench]   {name} on {count} image(s)")
-            row = bench_reference(name, _REFERENCES[name], log_q, cons, count, budget_s, ours)
+            row = bench_reference(
+                name, _REFERENCES[name], log_q, cons, count, budget_s, ours, clock=clock
+            )
             rows.append({"problem": problem, "n": n, **row})
     return rows
 
@@ -149,40 +169,70 @@ def run(
     seed_classes=11,
     seed_alpha=0.05,
     seed_images=3,
+    problems: str = "tags",
+    clock: str = "wall",
+    original=None,
+    original_sizes: Sequence[int] = (40, 64, 128),
+    original_batch: int = 32,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Runs the whole benchmark and returns a json-able dict of rows and settings."""
+    """Runs the whole benchmark and returns a json-able dict of rows and settings.
+
+    ``problems`` picks the main table's generator (:data:`ccnn_jax.benchmark.PROBLEMS`),
+    ``clock`` the timer (:data:`ccnn_jax.benchmark.CLOCKS`); ``original`` (a module from
+    :func:`ccnn_jax.benchmark.load_original`) adds the comparison with the original CCNN
+    solver at ``original_sizes``.
+    """
+    if problems not in PROBLEMS:
+        raise ValueError(f"problems must be one of {list(PROBLEMS)}, got {problems!r}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {list(CLOCKS)}, got {clock!r}")
+    timer = CLOCKS[clock]
     batches, modes = _checked(sizes, batches, methods, modes)
     rng = np.random.default_rng(seed)
     main_rows, ref_rows = [], []
     for side in sizes:
         n = side * side
-        log(f"[bench] tags K={num_classes}, N={n} ({side}x{side}), {max(batches)} images")
-        log_q, cons = tag_problems(rng, max(batches), side, num_classes)
-        rows, ours = bench_batches(log_q, cons, batches, methods, repeats, modes)
+        log(f"[bench] {problems} K={num_classes}, N={n} ({side}x{side}), {max(batches)} images")
+        log_q, cons = PROBLEMS[problems](rng, max(batches), side, num_classes)
+        rows, ours = bench_batches(log_q, cons, batches, methods, repeats, modes, clock=timer)
         main_rows += [{"n": n, "side": side, **r} for r in rows]
         images = {
             "CVXPY+Clarabel": cvxpy_images if n <= cvxpy_max_n else 0,
             "SciPy L-BFGS-B": scipy_images,
         }
         ref_rows += _reference_rows(
-            f"tags K={num_classes}", n, images, log_q, cons, ref_budget_s, ours, log
+            f"{problems} K={num_classes}", n, images, log_q, cons, ref_budget_s, ours, log, timer
         )
 
     n = seed_side * seed_side
     log(f"[bench] seed foreground K={seed_classes}, N={n}, alpha={seed_alpha}, batch 1")
     log_q, cons = seed_problems(rng, seed_images, seed_side, seed_classes, seed_alpha)
-    rows, ours = bench_batches(log_q, cons, [1], ["newton"], repeats, [default_mode()])
+    rows, ours = bench_batches(log_q, cons, [1], ["newton"], repeats, [default_mode()], clock=timer)
     seed_main = [{"n": n, "side": seed_side, **r} for r in rows]
     images = dict.fromkeys(_REFERENCES, seed_images)
     seed_refs = _reference_rows(
-        f"seed fg K={seed_classes}", n, images, log_q, cons, ref_budget_s, ours, log
+        f"seed fg K={seed_classes}", n, images, log_q, cons, ref_budget_s, ours, log, timer
     )
+    original_rows = []
+    if original is not None:
+        original_rows = compare_original(
+            original,
+            original_sizes,
+            batch=original_batch,
+            num_classes=num_classes,
+            repeats=max(1, repeats // 2),
+            seed=seed,
+            clock=timer,
+            log=log,
+        )
     settings = dict(
         sizes=list(sizes),
         batches=list(batches),
         methods=list(methods),
         modes=list(modes),
+        problems=problems,
+        clock=clock,
         num_classes=num_classes,
         repeats=repeats,
         seed=seed,
@@ -197,18 +247,48 @@ def run(
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
         f"on {jax.default_backend()}",
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "threads": threading_note(),
         "settings": settings,
         "main": main_rows,
         "references": ref_rows,
         "seed_main": seed_main,
         "seed_references": seed_refs,
-        "headline": headline(main_rows, seed_refs),
+        "original": original_rows,
+        "headline": headline(main_rows, seed_refs, original_rows),
     }
 
 
-def headline(main_rows, seed_refs) -> dict:
-    """The issue's three targets, as measured."""
+SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+_SINGLE_THREAD_ENV = "CCNN_BENCH_SINGLE_THREAD"
+
+
+def threading_note() -> str:
+    """What this process runs on: its CPU affinity and XLA's thread flags."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    single = os.environ.get(_SINGLE_THREAD_ENV) == "1"
+    return (
+        f"{'single-threaded' if single else 'default threads'}, CPUs {cpus}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
+
+
+def reexec_single_threaded(core: int | None) -> None:
+    """Restarts this program on one core with XLA's intra-op threading off (XLA reads its
+    flags once, when the backend starts, so they cannot be changed in a running process)."""
+    if os.environ.get(_SINGLE_THREAD_ENV) == "1":
+        return
+    core = min(os.sched_getaffinity(0)) if core is None else core
+    os.sched_setaffinity(0, {core})
+    xla = f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_XLA_FLAGS}".strip()
+    env = {**os.environ, _SINGLE_THREAD_ENV: "1", "XLA_FLAGS": xla}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def headline(main_rows, seed_refs, original_rows=()) -> dict:
+    """The issues' targets, as measured."""
     out = {}
+    if original_rows:
+        out["speedup_vs_original"] = {str(r["n"]): r["speedup"] for r in original_rows}
     big = [r for r in main_rows if r["method"] == "newton" and r["n"] == 4096]
     if big:
         top = max(r["batch"] for r in big)
@@ -248,6 +328,7 @@ def _main_cells(r) -> list[str]:
         r["method"],
         r["mode"],
         _g(r["ms_per_image"]),
+        _g(r["ms_per_eval"]),
         _g(r["passes"]),
         f"{r['iters_mean']:.1f}",
         str(r["iters_max"]),
@@ -280,15 +361,63 @@ def _ref_cells(r) -> list[str]:
     ]
 
 
+ORIGINAL_COLUMNS = [
+    "N",
+    "images",
+    "original ms/image",
+    "original evals",
+    "original ms/eval",
+    "ours ms/image",
+    "ours evals",
+    "ours ms/eval",
+    "speedup",
+    "max|P_orig-P_ref|",
+    "max|P_ours-P_ref|",
+    "ours worst gap",
+    "worst hard viol orig / ours",
+    "ours converged",
+]
+
+
+def _original_cells(r) -> list[str]:
+    def opt(key):
+        return "-" if r[key] is None else _g(r[key])
+
+    return [
+        str(r["n"]),
+        str(r["images"]),
+        _g(r["orig_ms_per_image"]),
+        opt("orig_evals"),
+        opt("orig_ms_per_eval"),
+        _g(r["ours_ms_per_image"]),
+        _g(r["ours_evals"]),
+        _g(r["ours_ms_per_eval"]),
+        f"{r['speedup']:.1f}x",
+        _g(r["max_abs_dp_orig"]),
+        _g(r["max_abs_dp_ours"]),
+        _g(r["ours_worst_gap"]),
+        f"{_g(r['orig_worst_violation'])} / {_g(r['ours_worst_violation'])}",
+        f"{r['ours_converged']:.2f}",
+    ]
+
+
 def to_markdown(res: dict) -> str:
     """The results as markdown: main table, references table, the seed problem, headline."""
     s = res["settings"]
+    problems = {
+        "tags": "Tag constraints (`constraints.from_tags`",
+        "unseen": "Unseen problem families (`unseen_problems`: fields, mixtures, "
+        "segments; 0-5 tags; rows padded to 32",
+    }[s.get("problems", "tags")]
+    clock = {"wall": "wall time", "cpu": "process CPU time"}[s.get("clock", "wall")]
     lines = [
         f"Solver benchmark, {res['date']}, {res['machine']}, load average at end "
-        f"{', '.join(f'{x:.2f}' for x in res['load_average'] or [])}.",
+        f"{', '.join(f'{x:.2f}' for x in res['load_average'] or [])}; "
+        f"{res.get('threads', '')}.",
         "",
-        f"Tag constraints (`constraints.from_tags`, K={s['num_classes']}), jitted "
-        f"`solve_batch`, median of {s['repeats']} repeats, compile excluded; passes = solve "
+        f"{problems}, K={s['num_classes']}), jitted "
+        f"`solve_batch`, median of {s['repeats']} repeats, {clock}, compile excluded; "
+        "ms/eval = ms/image / evaluations of the dual per image; passes = solve "
         "time / one jitted `log_softmax` over the same batch (median of per-repeat ratios, "
         "timed back to back); active = fraction of images "
         "with lambda != 0 (P != Q).",
@@ -310,8 +439,24 @@ def to_markdown(res: dict) -> str:
     lines += _table(
         REF_COLUMNS, [_ref_cells(r) for r in res["references"] + res["seed_references"]]
     )
+    if res.get("original"):
+        lines += [
+            "",
+            "The original CCNN solver (C++/Eigen, one image after the other) against "
+            "ours (`solve_batch`, batch of the same images) on unseen problems, timed back "
+            "to back; speedup = median per-repeat ratio; P checked against SciPy's float64 "
+            "dual:",
+            "",
+        ]
+        lines += _table(ORIGINAL_COLUMNS, [_original_cells(r) for r in res["original"]])
     h = res["headline"]
     lines += [""]
+    if "speedup_vs_original" in h:
+        lines.append(
+            "- ours vs the original CCNN solver per image: "
+            + ", ".join(f"{v:.1f}x at N={n}" for n, v in h["speedup_vs_original"].items())
+            + " (target >= 10x)."
+        )
     if "newton_passes_n4096" in h:
         p = h["newton_passes_n4096"]
         modes = ", ".join(
@@ -333,6 +478,11 @@ def to_markdown(res: dict) -> str:
 def main(argv):
     del argv
     f = flags.FLAGS
+    if f.single_thread:
+        reexec_single_threaded(f.core)
+    original = None
+    if f.original_lib:
+        original = load_original(f.original_lib)
     kw = dict(
         repeats=f.repeats,
         cvxpy_max_n=f.cvxpy_max_n,
@@ -356,6 +506,11 @@ def main(argv):
         seed=f.seed,
         seed_classes=f.seed_classes,
         seed_alpha=f.seed_alpha,
+        problems=f.problems,
+        clock="cpu" if f.single_thread else "wall",
+        original=original,
+        original_sizes=[int(x) for x in f.original_sizes],
+        original_batch=f.original_batch,
         **kw,
     )
     md = to_markdown(res)
@@ -398,6 +553,30 @@ def _define_flags():
     flags.DEFINE_integer("seed_images", 3, "Images of the seed's problem (each solved at batch 1).")
     flags.DEFINE_bool("quick", False, "Smoke run: tiny sizes and repeats (overrides the sizes).")
     flags.DEFINE_string("out", None, "If set, writes <out>.json and <out>.md.")
+    flags.DEFINE_enum(
+        "problems",
+        "tags",
+        ["tags", "unseen"],
+        "Problems of the main table: the "
+        "project's tag problems, or families it has not seen (`unseen_problems`).",
+    )
+    flags.DEFINE_bool(
+        "single_thread",
+        False,
+        "Restart on one core (--core) with XLA's intra-op "
+        "threading off, and time with process CPU time, for per-image comparisons "
+        "with single-threaded references.",
+    )
+    flags.DEFINE_integer("core", None, "CPU for --single_thread (default: the first allowed).")
+    flags.DEFINE_string(
+        "original_lib",
+        None,
+        "Directory (or file) of the original CCNN solver's "
+        "built Python module `ccnn` (see load_original); adds the comparison with "
+        "it. Skipped when absent.",
+    )
+    flags.DEFINE_list("original_sizes", ["40", "64", "128"], "Image sides of that comparison.")
+    flags.DEFINE_integer("original_batch", 32, "Images per size of that comparison.")
 
 
 if __name__ == "__main__":

@@ -86,22 +86,36 @@ def test_hardness_sharpens_p():
 
 @pytest.mark.parametrize("family", ["tags", "tags_size", "foreground_hard", "general"])
 @pytest.mark.parametrize("scale", [0.1, 1.0, 30.0, 1000.0])
-@pytest.mark.parametrize("lam_scale", [0.0, 1.0, 20.0, 1e4])
-def test_factorised_latent_equals_exact(family, scale, lam_scale):
-    """P and lse from exp(s f - m) * exp(s shift) match the direct exponential, whichever
-    branch the span test takes (lam_scale 1e4 spans far beyond FACTOR_SPAN: the exact one)."""
+@pytest.mark.parametrize("lam_scale", [0.0, 1.0, 20.0, 55.0, 1e4])
+def test_factorised_evaluation_equals_exact(family, scale, lam_scale):
+    """g, s(P), -Hessian and P from E = exp(h) (two matrix-vector products and a Gram product)
+    match the direct exponential, whichever branch the span test takes (lam_scale 1e4 spans far
+    beyond FACTOR_SPAN: the exact one), and so do they on the allowed labels alone."""
     f, cons = problems.make(family, 7, scale)
     f[0, 0, 1] = -np.inf  # q = 0 somewhere
     rng = np.random.default_rng(int(scale * 10 + lam_scale))
     lam = jnp.asarray(rng.uniform(0, lam_scale, cons.a.shape[0]), jnp.float32)
+    keep = int(np.asarray(cons.mask).sum())
     for hardness in (1.0, 1000.0):
-        fast = dual.make_problem(jnp.asarray(f), cons, hardness, factorise=True)
         exact = dual.make_problem(jnp.asarray(f), cons, hardness)
-        assert fast.e0_NxK is not None and exact.e0_NxK is None
-        p_fast, lse_fast = jax.jit(dual._latent)(lam, fast)
-        p_exact, lse_exact = jax.jit(dual._latent)(lam, exact)
-        assert np.all(np.isfinite(np.asarray(p_fast))) and np.all(np.isfinite(lse_fast))
-        np.testing.assert_allclose(np.asarray(p_fast), np.asarray(p_exact), atol=2e-6)
-        np.testing.assert_allclose(
-            np.asarray(lse_fast), np.asarray(lse_exact), rtol=1e-6, atol=1e-5
-        )
+        ev_exact = jax.jit(dual.evaluate)(lam, exact)
+        p_exact = np.asarray(jax.jit(dual.latent)(lam, exact))
+        for kwargs in ({"factorise": True}, {"factorise": True, "keep": keep}, {"keep": keep}):
+            fast = dual.make_problem(jnp.asarray(f), cons, hardness, **kwargs)
+            assert (fast.e0_NxK is not None) == kwargs.get("factorise", False)
+            ev = jax.jit(dual.evaluate)(lam, fast)
+            p = np.asarray(jax.jit(dual.latent)(lam, fast))
+            assert np.all(np.isfinite(p)), kwargs
+            kept = np.arange(problems.K) if fast.labels_K is None else np.asarray(fast.labels_K)
+            np.testing.assert_allclose(p, p_exact[:, kept], atol=2e-6)
+            assert sorted(kept[np.asarray(fast.mask_K)]) == list(np.flatnonzero(cons.mask))
+            np.testing.assert_allclose(
+                np.asarray(ev.value_C), np.asarray(ev_exact.value_C), atol=2e-6
+            )
+            np.testing.assert_allclose(float(ev.g), float(ev_exact.g), rtol=1e-6, atol=1e-5)
+            np.testing.assert_allclose(
+                np.asarray(ev.neg_hess_CxC), np.asarray(ev_exact.neg_hess_CxC), atol=2e-5 * hardness
+            )
+            np.testing.assert_allclose(
+                np.asarray(ev.logz_N), np.asarray(ev_exact.logz_N), rtol=1e-6, atol=1e-5
+            )

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccnn_jax import certificate, constraints, reference, solve, solve_batch, solvers
+from ccnn_jax import certificate, constraints, reference, solve, solve_batch, solver_core
 
 SCALES = (0.1, 1.0, 5.0, 30.0, 1000.0)
 seeds = st.integers(0, 2**31 - 1)
@@ -164,11 +164,11 @@ def test_extreme_and_minus_inf_log_probabilities():
 def test_no_recompilation_for_same_shapes():
     f, cons = problems.make("tags", 0, 1.0)
     solve(jnp.asarray(f), cons)
-    size = solvers._solve_jit._cache_size()
+    size = solver_core._solve_jit._cache_size()
     for seed in range(1, 4):
         f, cons = problems.make("tags", seed, 1.0)
         solve(jnp.asarray(f), cons, tol=1e-6)
-    assert solvers._solve_jit._cache_size() == size
+    assert solver_core._solve_jit._cache_size() == size
 
 
 def test_solve_under_jit_and_vmap_of_builders():
@@ -197,3 +197,46 @@ def test_bad_input_raises_clear_errors(kwargs, match):
     args = {"log_q": f, "method": "newton", **kwargs}
     with pytest.raises(ValueError, match=match):
         solve(jnp.asarray(args["log_q"]), cons, method=args["method"])
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_rows_dropped_with_their_labels(crowded):
+    """A branch on few label columns solves on the live rows only (size hints: C = 2K + 2, most
+    rows inert); an image with more live rows than that branch holds takes a wider one. Either
+    way lambda of a dead row is 0 and the answer is SciPy's, sequential or vmapped, warm or
+    cold."""
+    k, n = 21, 300
+    rng = np.random.default_rng(3)
+    tags = np.zeros(k, bool)
+    tags[[0, 4, 9]] = True
+    size = np.zeros(k, bool)
+    size[4] = True
+    cons = constraints.from_tags(tags, size=size)
+    if crowded:  # 13 live rows on 3 labels: more than the 4-column branch's 10
+        extra = np.zeros((8, k), np.float32)
+        extra[:, 9] = 1.0
+        cons = constraints.LinearConstraints(
+            a=jnp.concatenate([cons.a, jnp.asarray(extra)]),
+            b=jnp.concatenate([cons.b, jnp.asarray(np.linspace(0.01, 0.05, 8), jnp.float32)]),
+            beta=jnp.concatenate([cons.beta, jnp.full(8, 2.0)]),
+            mask=cons.mask,
+        )
+    f = rng.normal(size=(2, n, k)).astype(np.float32) * 2.0
+    f[1, :, 9] -= 3.0  # label 9 rare: its rows bind
+    cons_b = jax.tree.map(lambda x: jnp.stack([x, x]), cons)
+    live = np.asarray(solver_core._live_rows(cons))
+    assert live.sum() == (13 if crowded else 5)
+    for sequential in (True, False):
+        for lam0 in (None, jnp.ones((2, cons.a.shape[0]))):
+            sol = solve_batch(jnp.asarray(f), cons_b, sequential=sequential, lam0=lam0)
+            assert np.all(np.asarray(sol.info.converged))
+            for i in range(2):
+                lam_ref, p_ref = reference.scipy_dual(f[i], cons)
+                np.testing.assert_allclose(np.asarray(sol.p[i]), p_ref, atol=2e-4)
+                assert np.all(np.asarray(sol.lam[i])[~live] == 0.0)
+                np.testing.assert_allclose(np.asarray(sol.lam[i]), lam_ref, atol=2e-3)
+                _check_certificate(jnp.asarray(f[i]), cons, take_one(sol, i))
+
+
+def take_one(sol, i):
+    return jax.tree.map(lambda x: x[i], sol)
