@@ -13,7 +13,7 @@ It runs single-threaded (one core, XLA intra-op threading off, process CPU time)
 
 1. the original CCNN solver (``--original_lib``, C++/Eigen, optional) against ``solve_batch`` on
    the same images, per image, with evaluations and ms per evaluation on both sides, and both
-   answers against SciPy's float64 dual (:func:`ccnn_jax.benchmark.compare_original`);
+   answers against SciPy's float64 dual (:func:`ccnn_jax.bench_original.compare_original`);
 2. ``solve_batch`` at batch 32, N = 4096 in log-softmax passes (solve time / one jitted
    ``log_softmax`` over the same batch, timed back to back;
    :func:`ccnn_jax.benchmark.bench_batches`), with the worst duality gap and hard-row violation.
@@ -34,7 +34,8 @@ import numpy as np
 from absl import app, flags
 
 from ccnn_jax import constraints
-from ccnn_jax.benchmark import CLOCKS, bench_batches, compare_original, load_original
+from ccnn_jax.bench_original import compare_original, load_original
+from ccnn_jax.benchmark import CLOCKS, bench_batches
 
 K = 21
 

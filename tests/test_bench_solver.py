@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from ccnn_jax import benchmark
+from ccnn_jax import bench_report, benchmark
 from experiments import bench_solver
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -73,9 +73,9 @@ def test_quick_rows_and_columns(quick):
     ]
     got = [(r["n"], r["batch"], r["method"], r["mode"]) for r in res["main"]]
     assert got == want
-    body = _table_rows(md, bench_solver.MAIN_COLUMNS)
+    body = _table_rows(md, bench_report.MAIN_COLUMNS)
     assert len(body) == len(want)
-    assert all(len(r) == len(bench_solver.MAIN_COLUMNS) for r in body)
+    assert all(len(r) == len(bench_report.MAIN_COLUMNS) for r in body)
     assert [(r[1], r[2], r[3]) for r in body] == [(str(b), m, o) for _, b, m, o in want]
     for r in body:  # ms/image, passes, iterations, gap, violation, converged: numbers
         for cell in r[4:]:
@@ -87,7 +87,7 @@ def test_quick_rows_and_columns(quick):
         ("seed fg K=11", "CVXPY+Clarabel"),
         ("seed fg K=11", "SciPy L-BFGS-B"),
     ]
-    ref_body = _table_rows(md, bench_solver.REF_COLUMNS)
+    ref_body = _table_rows(md, bench_report.REF_COLUMNS)
     assert [(r[0], r[2]) for r in ref_body] == refs
     assert "faster than CVXPY/Clarabel" in md
 
