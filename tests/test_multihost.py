@@ -36,7 +36,7 @@ FAILURE_TIMEOUT_S = 300
 # was inside a collective at the time) gloo's lost connection, reported by exit_on_error.
 SERVICE_ERROR = (
     "heartbeat timeout|distributed service detected fatal errors|another task died"
-    "|Gloo .* failed.*Connection reset by peer"
+    "|Gloo .* failed.*(Connection (reset|closed) by peer|Read error)"
 )
 
 
